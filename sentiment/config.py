@@ -1,0 +1,230 @@
+"""One Settings object, read from the environment and `.env`.
+
+`get_settings()` is the only place that reads the environment. A bad value
+fails at start-up with :class:`ConfigError`, whose message names the variable
+and shows a valid example.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sentiment.errors import ConfigError
+
+__all__ = ["Settings", "SubredditSchedule", "get_settings", "parse_subreddits", "valid_subreddit"]
+
+# Reddit's own rule for subreddit names: letters, digits and underscore, 2-21
+# characters (a few legacy names are 2 long, e.g. r/de). Nothing else can reach
+# a file path or a URL.
+_SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
+_INTERVAL_RE = re.compile(r"^\d+\s*(second|minute|hour|day|week)s?$")
+
+
+def valid_subreddit(name: str) -> str:
+    """Return the canonical (lower-case) subreddit name, or raise ValueError."""
+    cleaned = name.strip().removeprefix("r/").removeprefix("/r/")
+    if not _SUBREDDIT_RE.fullmatch(cleaned):
+        raise ValueError(
+            f"{name!r} is not a valid subreddit name: use 2-21 letters, digits or underscores, "
+            "e.g. wallstreetbets"
+        )
+    return cleaned.lower()
+
+
+class SubredditSchedule(BaseModel, frozen=True):
+    """A subreddit and how often beat scrapes it."""
+
+    name: str
+    interval_seconds: int
+
+
+def parse_subreddits(raw: str | list[Any], default_interval: int) -> list[SubredditSchedule]:
+    """Parse `wallstreetbets:60,stocks,TinySub:300` into schedules (canonical names)."""
+    items = raw if isinstance(raw, list) else [p for p in raw.split(",") if p.strip()]
+    schedules: dict[str, SubredditSchedule] = {}
+    for item in items:
+        if isinstance(item, SubredditSchedule):
+            schedules[item.name] = item
+            continue
+        name, _, interval = str(item).strip().partition(":")
+        seconds = default_interval
+        if interval:
+            if not interval.strip().isdigit() or int(interval) < 10:
+                raise ValueError(
+                    f"interval {interval!r} for {name!r} must be a whole number of seconds >= 10, "
+                    "e.g. wallstreetbets:60"
+                )
+            seconds = int(interval)
+        canonical = valid_subreddit(name)
+        if canonical in schedules:
+            raise ValueError(f"subreddit {canonical!r} is listed twice")
+        schedules[canonical] = SubredditSchedule(name=canonical, interval_seconds=seconds)
+    return list(schedules.values())
+
+
+class Settings(BaseSettings):
+    """Every setting of the pipeline; see `.env.example` for each one explained."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # PostgreSQL. No PG_HOST means: use the embedded server under DATA_DIR.
+    pg_host: str | None = None
+    pg_port: int = Field(5432, ge=1, le=65535)
+    pg_user: str = "sentiment"
+    pg_password: SecretStr = SecretStr("")
+    pg_db: str = "sentiment"
+    pg_pool_size: int = Field(5, ge=1, le=100)
+    pg_pool_max_overflow: int = Field(5, ge=0, le=100)
+
+    # Redis, broker and result backend. No REDIS_URL means: the embedded Redis.
+    redis_url: SecretStr | None = None
+
+    # Embedded services, used when PG_HOST / REDIS_URL are not set.
+    data_dir: Path = Path(".sentiment")
+    embedded_pg_port: int = Field(54329, ge=1024, le=65535)
+    embedded_redis_port: int = Field(63799, ge=1024, le=65535)
+
+    # Reddit.
+    reddit_client_id: str | None = None
+    reddit_client_secret: SecretStr | None = None
+    reddit_user_agent: str = "python:sentiment-pipeline:0.1 (by /u/sentiment-pipeline)"
+    reddit_username: str | None = None
+    reddit_password: SecretStr | None = None
+    reddit_oauth_url: str = "https://oauth.reddit.com"
+    reddit_url: str = "https://www.reddit.com"
+    reddit_requests_per_minute: int = Field(100, ge=1, le=10_000)
+    reddit_timeout_seconds: float = Field(16.0, gt=0, le=300)
+    scrape_backfill_depth: int = Field(1000, ge=100, le=1000)
+
+    # What to scrape, and how often.
+    subreddits: Annotated[list[SubredditSchedule], NoDecode] = Field(default_factory=list)
+    scrape_interval_seconds: int = Field(60, ge=10)
+
+    # Sinks.
+    csv_dir: Path = Path("data/csv")
+    insert_batch_size: int = Field(5000, ge=1, le=1_000_000)
+    claim_batch_size: int = Field(500, ge=1, le=100_000)
+
+    # Storage layout: "auto" makes raw_events a hypertable when the server has
+    # TimescaleDB, and a natively partitioned table otherwise.
+    storage_layout: Literal["auto", "timescaledb", "partitioned"] = "auto"
+    timescale_chunk_interval: str = "1 day"
+    partition_days_ahead: int = Field(7, ge=1, le=366)
+
+    @field_validator("subreddits", mode="before")
+    @classmethod
+    def _parse_subreddits(cls, value: Any, info: Any) -> list[SubredditSchedule]:
+        default = info.data.get("scrape_interval_seconds", 60)
+        if value is None:
+            return []
+        return parse_subreddits(value, default)
+
+    @field_validator("timescale_chunk_interval")
+    @classmethod
+    def _check_interval(cls, value: str) -> str:
+        if not _INTERVAL_RE.fullmatch(value.strip().lower()):
+            raise ValueError("must be a PostgreSQL interval such as '1 day' or '12 hours'")
+        return value.strip().lower()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must be a redis:// or rediss:// URL, e.g. redis://:password@localhost:6379/0")
+        return value
+
+    @field_validator("reddit_oauth_url", "reddit_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be an http(s) base URL, e.g. https://oauth.reddit.com")
+        return value.rstrip("/")
+
+    @field_validator("pg_host", "reddit_client_id", "reddit_username", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("reddit_client_secret", "reddit_password", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    # -- derived values -------------------------------------------------------
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.pg_host is None
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def has_reddit_credentials(self) -> bool:
+        return bool(self.reddit_client_id and self.reddit_client_secret)
+
+    def database_url(self, driver: str = "psycopg2") -> str:
+        """SQLAlchemy URL. Contains the password: never log it."""
+        host, port = (
+            ("127.0.0.1", self.embedded_pg_port) if self.pg_host is None else (self.pg_host, self.pg_port)
+        )
+        password = quote(self.pg_password.get_secret_value(), safe="")
+        auth = f"{quote(self.pg_user, safe='')}:{password}" if password else quote(self.pg_user, safe="")
+        return f"postgresql+{driver}://{auth}@{host}:{port}/{self.pg_db}"
+
+    def redis_connection_url(self) -> str:
+        """Broker URL. Contains the password: never log it."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    def safe_summary(self) -> dict[str, str]:
+        """Where things are, with every secret left out, for logs and `sentiment status`."""
+        pg = "embedded" if self.pg_host is None else f"{self.pg_host}:{self.pg_port}"
+        redis_url = self.redis_connection_url()
+        redis_parts = urlsplit(redis_url)
+        redis = f"{redis_parts.hostname}:{redis_parts.port}" if redis_parts.hostname else redis_url
+        return {
+            "postgres": f"{pg}/{self.pg_db} as {self.pg_user}",
+            "redis": "embedded" if self.redis_url is None else redis,
+            "reddit": self.reddit_oauth_url,
+            "subreddits": ",".join(s.name for s in self.subreddits) or "(none)",
+            "csv_dir": str(self.csv_dir),
+        }
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        variable = str(problem["loc"][0]).upper() if problem["loc"] else "(settings)"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  {variable}: {message}")
+    return "invalid configuration (fix these in the environment or .env):\n" + "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read Settings now, turning validation errors into a ConfigError a person can act on."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide Settings (cached; `get_settings.cache_clear()` re-reads)."""
+    return load_settings()

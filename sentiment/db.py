@@ -1,0 +1,72 @@
+"""Engine and session factory: one pooled engine per process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sentiment.config import Settings, get_settings
+from sentiment.errors import ServiceUnavailable
+
+__all__ = ["database_unavailable", "get_engine", "make_engine", "session_scope"]
+
+
+def make_engine(settings: Settings) -> Engine:
+    """A pooled engine. Pool size is a setting; connections are checked before use."""
+    engine = create_engine(
+        settings.database_url(),
+        pool_size=settings.pg_pool_size,
+        max_overflow=settings.pg_pool_max_overflow,
+        # A worker outlives database restarts: test each connection on checkout
+        # rather than fail the first task after one.
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={
+            "connect_timeout": 5,
+            "application_name": "sentiment",
+            # Never let one statement hold a worker (and its locks) for ever.
+            "options": "-c statement_timeout=120000 -c lock_timeout=30000",
+        },
+    )
+    _dispose_after_fork(engine)
+    return engine
+
+
+def _dispose_after_fork(engine: Engine) -> None:
+    """Celery's prefork pool forks workers: a child must open its own connections.
+
+    `dispose(close=False)` drops the inherited pool without closing the parent's
+    sockets (SQLAlchemy's recommended pattern for multiprocessing).
+    """
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    """The process-wide engine (`get_engine.cache_clear()` after changing settings)."""
+    return make_engine(get_settings())
+
+
+@lru_cache(maxsize=1)
+def _session_factory() -> sessionmaker[Session]:
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session in a transaction: committed on success, rolled back on error."""
+    with _session_factory().begin() as session:
+        yield session
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` means the server is down or unreachable, not that the SQL is wrong."""
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

