@@ -1,0 +1,46 @@
+# One command each, shared by people and CI. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test bench lint migrate services-stop clean
+
+help: ## show this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install the project with test and dev tools
+
+run: $(STAMP) ## run the whole pipeline (embedded PostgreSQL/Redis/simulator unless configured)
+	$(BIN)/sentiment run $(ARGS)
+
+test: $(STAMP) ## run the tests against real PostgreSQL and Redis (embedded unless configured)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run the benchmarks; each prints its ratio against a baseline from the same run
+	$(BIN)/python bench/insert.py $(BENCH_ARGS)
+	$(BIN)/python bench/scrape.py $(BENCH_ARGS)
+	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
+
+lint: $(STAMP) ## ruff, mypy, and `alembic check` (models and migrations agree)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy sentiment celeryconfig.py
+	$(BIN)/sentiment migrate --check
+
+migrate: $(STAMP) ## apply migrations (alembic upgrade head)
+	$(BIN)/sentiment migrate
+
+services-stop: $(STAMP) ## stop the embedded PostgreSQL and Redis
+	$(BIN)/sentiment services stop
+
+clean: ## remove the virtualenv and the embedded servers' data
+	-$(BIN)/sentiment services stop
+	rm -rf $(VENV) .sentiment .sentiment-test

@@ -1,0 +1,151 @@
+"""Processing state for the sentiment workers that consume raw_events.
+
+A worker claims unprocessed rows, scores them, and marks them processed:
+
+    with claim_unprocessed(limit=500) as rows:
+        scores = model(rows)
+        ... store scores ...
+        mark_processed([r.key for r in rows], connection=rows.connection)
+
+Claims use `FOR UPDATE SKIP LOCKED`: concurrent workers get disjoint rows and
+never wait on each other; a worker that dies releases its claim when its
+transaction ends, so the rows go to the next claimer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+from sentiment.db import get_engine
+
+__all__ = ["ClaimedEvent", "MarkResult", "Claim", "claim_unprocessed", "mark_processed"]
+
+_CLAIM = text(
+    """
+    SELECT id, occurred_at, source_id, event_type, payload
+    FROM raw_events
+    WHERE NOT processed
+    ORDER BY occurred_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+# One statement: every CTE sees the same snapshot, taken before the update,
+# so `known` counts the keys that existed and `updated` those we flipped now.
+_MARK = text(
+    """
+    WITH keys AS (
+        SELECT DISTINCT k.id, k.occurred_at
+        FROM unnest(CAST(:ids AS text[]), CAST(:times AS timestamptz[])) AS k(id, occurred_at)
+    ),
+    updated AS (
+        UPDATE raw_events AS r
+        SET processed = true, processed_at = now()
+        FROM keys AS k
+        WHERE r.id = k.id
+          AND (k.occurred_at IS NULL OR r.occurred_at = k.occurred_at)
+          AND NOT r.processed
+        RETURNING r.id
+    )
+    SELECT
+        (SELECT count(*) FROM updated) AS updated,
+        (SELECT count(*) FROM keys AS k WHERE EXISTS (
+            SELECT 1 FROM raw_events AS r
+            WHERE r.id = k.id AND (k.occurred_at IS NULL OR r.occurred_at = k.occurred_at)
+        )) AS known,
+        (SELECT count(*) FROM keys) AS total
+    """
+)
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    id: str
+    occurred_at: datetime
+    source_id: str
+    event_type: str
+    payload: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, datetime]:
+        return (self.id, self.occurred_at)
+
+
+class Claim(list[ClaimedEvent]):
+    """Claimed rows, locked until the claiming transaction ends."""
+
+    def __init__(self, rows: Iterable[ClaimedEvent], connection: Connection) -> None:
+        super().__init__(rows)
+        self.connection = connection
+
+
+@dataclass(frozen=True)
+class MarkResult:
+    updated: int
+    already_processed: int
+    unknown: int
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "updated": self.updated,
+            "already_processed": self.already_processed,
+            "unknown": self.unknown,
+        }
+
+
+@contextmanager
+def claim_unprocessed(limit: int, *, engine: Engine | None = None) -> Iterator[Claim]:
+    """Lock up to `limit` unprocessed rows, oldest first, for the length of the block.
+
+    The transaction commits when the block ends (so marks made on
+    `claim.connection` are kept) and rolls back on an exception (so the rows
+    are free for another worker).
+    """
+    with (engine or get_engine()).begin() as connection:
+        rows = connection.execute(_CLAIM, {"limit": limit}).all()
+        yield Claim((ClaimedEvent(*row) for row in rows), connection)
+
+
+def mark_processed(
+    keys: Sequence[str | tuple[str, datetime] | Sequence[Any]],
+    *,
+    connection: Connection | None = None,
+    engine: Engine | None = None,
+) -> MarkResult:
+    """Set processed = true, processed_at = now() for each key, in one statement.
+
+    A key is an `(id, occurred_at)` pair or a bare id (then every row with that
+    id). A row already processed keeps its first `processed_at`.
+    """
+    ids, times = _split_keys(keys)
+    params = {"ids": ids, "times": times}
+    if connection is not None:
+        row = connection.execute(_MARK, params).one()
+    else:
+        with (engine or get_engine()).begin() as conn:
+            row = conn.execute(_MARK, params).one()
+    updated, known, total = row
+    return MarkResult(updated=updated, already_processed=known - updated, unknown=total - known)
+
+
+def _split_keys(
+    keys: Sequence[str | tuple[str, datetime] | Sequence[Any]],
+) -> tuple[list[str], list[datetime | str | None]]:
+    ids: list[str] = []
+    times: list[datetime | str | None] = []
+    for key in keys:
+        if isinstance(key, str):
+            ids.append(key)
+            times.append(None)
+        else:
+            event_id, occurred_at = key
+            ids.append(str(event_id))
+            times.append(occurred_at)
+    return ids, times

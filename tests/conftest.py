@@ -1,0 +1,135 @@
+"""Session fixtures: a real PostgreSQL and a real Redis, migrated once.
+
+With PG_HOST / REDIS_URL set, tests use those servers, but a separate
+`<PG_DB>_test` database and Redis database 15, so a configured production
+database is never touched. Otherwise embedded servers start under
+`.sentiment-test/` on their own ports (they do not clash with `make run`).
+
+Each test starts from empty tables. We truncate rather than roll back a
+per-test transaction because the code under test commits on its own pooled
+connections, from several threads and processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _configure_environment() -> None:
+    """Point every Settings read (here and in subprocesses) at the test servers."""
+    os.environ.setdefault("DATA_DIR", str(ROOT / ".sentiment-test"))
+    os.environ.setdefault("EMBEDDED_PG_PORT", "54339")
+    os.environ.setdefault("EMBEDDED_REDIS_PORT", "63809")
+    if os.environ.get("PG_HOST"):
+        base = os.environ.get("PG_DB", "sentiment")
+        if not base.endswith("_test"):
+            os.environ["PG_DB"] = f"{base}_test"
+    if os.environ.get("REDIS_URL"):
+        url = os.environ["REDIS_URL"].rstrip("/")
+        head, _, last = url.rpartition("/")
+        os.environ["REDIS_URL"] = f"{head}/15" if last.isdigit() else f"{url}/15"
+    os.environ.setdefault("CSV_DIR", str(ROOT / ".sentiment-test" / "csv"))
+    os.environ["SUBREDDITS"] = os.environ.get("TEST_SUBREDDITS", "")
+
+
+_configure_environment()
+
+from sentiment.config import Settings, get_settings  # noqa: E402 - after the environment
+
+
+def _create_test_database(settings: Settings) -> None:
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(
+        host=settings.pg_host, port=settings.pg_port, user=settings.pg_user,
+        password=settings.pg_password.get_secret_value(), dbname="postgres",
+    )  # fmt: skip
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (settings.pg_db,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(settings.pg_db)))
+    conn.close()
+
+
+def alembic_config():  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    return Config(str(ROOT / "alembic.ini"))
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    """Running, migrated servers and the Settings that reach them.
+
+    Servers this session started are stopped at its end; ones already running
+    (a developer's earlier run) are left as they were.
+    """
+    from alembic import command
+
+    from sentiment.embedded import ensure_services, stop_services
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    started = ensure_services(settings, durable=False)
+    if not settings.uses_embedded_postgres:
+        _create_test_database(settings)
+    command.upgrade(alembic_config(), "head")
+    yield settings
+    from sentiment.db import get_engine
+    from sentiment.sinks.postgres import get_sink_engine
+
+    get_engine().dispose()
+    get_sink_engine().dispose()
+    stop_services(settings, started)
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings):  # type: ignore[no-untyped-def]
+    from sentiment.db import get_engine
+
+    return get_engine()
+
+
+@pytest.fixture
+def db(engine):  # type: ignore[no-untyped-def]
+    """An empty raw_events and rejected_events, and the engine to look at them."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE raw_events, rejected_events"))
+    return engine
+
+
+@pytest.fixture
+def redis_client(settings: Settings):  # type: ignore[no-untyped-def]
+    """The test Redis, emptied."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_connection_url())
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def timescale(engine) -> bool:  # type: ignore[no-untyped-def]
+    """True when raw_events is a hypertable on this server."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_extension e WHERE e.extname = 'timescaledb'"
+                    " AND to_regclass('timescaledb_information.hypertables') IS NOT NULL"
+                )
+            ).scalar()
+        )

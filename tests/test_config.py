@@ -1,0 +1,62 @@
+"""Settings: typed, validated at start-up, secrets kept out of sight."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sentiment.config import load_settings, parse_subreddits
+from sentiment.errors import ConfigError
+
+
+def test_subreddits_with_and_without_intervals():
+    schedules = parse_subreddits("wallstreetbets:60, stocks,TinySub:300", default_interval=120)
+    assert [(s.name, s.interval_seconds) for s in schedules] == [
+        ("wallstreetbets", 60), ("stocks", 120), ("tinysub", 300),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SUBREDDITS", "wallstreetbets:soon", "SUBREDDITS: interval 'soon' for 'wallstreetbets'"),
+        ("SUBREDDITS", "../../etc", "SUBREDDITS: '../../etc' is not a valid subreddit name"),
+        ("SUBREDDITS", "stocks,Stocks", "SUBREDDITS: subreddit 'stocks' is listed twice"),
+        ("PG_PORT", "postgres", "PG_PORT: Input should be a valid integer"),
+        ("REDIS_URL", "localhost:6379", "REDIS_URL: must be a redis:// or rediss:// URL"),
+        ("REDDIT_OAUTH_URL", "oauth.reddit.com", "REDDIT_OAUTH_URL: must be an http(s) base URL"),
+        ("TIMESCALE_CHUNK_INTERVAL", "daily", "TIMESCALE_CHUNK_INTERVAL: must be a PostgreSQL interval"),
+        ("STORAGE_LAYOUT", "mongo", "STORAGE_LAYOUT: Input should be 'auto', 'timescaledb' or"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("invalid configuration (fix these in the environment or .env)")
+
+
+def test_secrets_never_show_in_repr_or_summary(monkeypatch):
+    monkeypatch.setenv("PG_HOST", "db.example")
+    monkeypatch.setenv("PG_PASSWORD", "pg-secret-1")
+    monkeypatch.setenv("REDIS_URL", "redis://:redis-secret-2@cache:6379/0")
+    monkeypatch.setenv("REDDIT_CLIENT_SECRET", "reddit-secret-3")
+    monkeypatch.setenv("REDDIT_PASSWORD", "reddit-secret-4")
+    settings = load_settings()
+    shown = repr(settings) + str(settings) + str(settings.safe_summary())
+    for secret in ("pg-secret-1", "redis-secret-2", "reddit-secret-3", "reddit-secret-4"):
+        assert secret not in shown
+    assert "pg-secret-1" in settings.database_url()  # only where it is needed
+
+
+def test_a_bad_setting_stops_a_process_at_start_up_with_the_message(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SUBREDDITS": "ok,not a name"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from sentiment.config import get_settings; get_settings()"],
+        env=env, capture_output=True, text=True, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "SUBREDDITS: 'not a name' is not a valid subreddit name" in result.stderr

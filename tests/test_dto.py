@@ -1,0 +1,102 @@
+"""RawEventDTO: normalisation makes anything Reddit can send storable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from sqlalchemy import text
+
+from sentiment.dto import RawEventDTO, clean_json, dump_events, load_events
+from sentiment.sinks.postgres import insert_batch
+
+
+def _event(**overrides):
+    fields = {
+        "id": "abc123", "occurred_at": 1_700_000_000.5, "source_id": "WallStreetBets",
+        "event_type": "submission", "payload": {"title": "x"},
+    }  # fmt: skip
+    fields.update(overrides)
+    return RawEventDTO(**fields)
+
+
+def test_epoch_and_naive_times_become_utc():
+    assert _event().occurred_at == datetime(2023, 11, 14, 22, 13, 20, 500000, tzinfo=UTC)
+    naive = _event(occurred_at=datetime(2024, 1, 1, 12, 0))
+    assert naive.occurred_at == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+    aware = _event(occurred_at=datetime(2024, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2))))
+    assert aware.occurred_at == datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
+    assert aware.occurred_at.tzinfo is UTC
+
+
+def test_subreddit_is_canonical_and_fullname_prefix_dropped():
+    event = _event(id="t3_ABC123", source_id="r/WallStreetBets")
+    assert event.id == "abc123"
+    assert event.source_id == "wallstreetbets"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("source_id", "../etc"),
+        ("source_id", "a"),
+        ("source_id", "x" * 22),
+        ("event_type", "vote"),
+        ("id", "not an id!"),
+        ("payload", ["a", "list"]),
+        ("occurred_at", float("nan")),
+        ("occurred_at", True),
+    ],
+)
+def test_bad_fields_are_refused_with_the_field_named(field, value):
+    with pytest.raises(ValidationError) as caught:
+        _event(**{field: value})
+    assert caught.value.errors()[0]["loc"] == (field,)
+
+
+def test_nul_lone_surrogates_huge_ints_and_nan_are_cleaned():
+    dirty = {
+        "title": "a\x00b",
+        "body\x00": "half \ud83d of an emoji",
+        "nested": [{"x": "\udfff"}, 2**70, float("nan"), float("inf"), True, None, 1.5],
+    }
+    payload = _event(payload=dirty).payload
+    assert payload == {
+        "title": "ab",
+        "body": "half \ufffd of an emoji",
+        "nested": [{"x": "\ufffd"}, str(2**70), None, None, True, None, 1.5],
+    }
+
+
+def test_clean_payload_is_left_as_is():
+    payload = {"title": "🚀 emoji and ünïcødé", "score": -3}
+    cleaned, encoded = clean_json(payload)
+    assert cleaned is payload
+    assert encoded == '{"title":"🚀 emoji and ünïcødé","score":-3}'.encode()
+
+
+def test_blob_round_trip_keeps_microseconds():
+    events = [_event(occurred_at=datetime(2024, 5, 1, 1, 2, 3, 456789, tzinfo=UTC)), _event(id="zz9")]
+    assert load_events(dump_events(events)) == events
+
+
+reddit_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=200)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(title=reddit_text, body=reddit_text, author=reddit_text)
+def test_any_unicode_round_trips_through_the_database(db, title, body, author):
+    event = _event(payload={"title": title, "selftext": body, "author": author})
+    with db.begin() as conn:
+        conn.execute(text("TRUNCATE raw_events"))
+
+    result = insert_batch([event])
+
+    assert result.rejected == 0
+    with db.connect() as conn:
+        stored = conn.execute(text("SELECT payload FROM raw_events")).scalar_one()
+    assert stored == event.payload
+    assert "\x00" not in stored["title"]

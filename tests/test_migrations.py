@@ -1,0 +1,155 @@
+"""Alembic: upgrade, downgrade and check, on each storage layout this server offers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic import command
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from sentiment.config import get_settings
+from tests.conftest import alembic_config
+
+
+@pytest.fixture
+def scratch_engine(settings, engine) -> Iterator[Engine]:
+    """A fresh, empty database of its own, dropped afterwards."""
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    scratch = create_engine(make_url(settings.database_url()).set(database=name))
+    yield scratch
+    scratch.dispose()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+def _alembic(scratch: Engine, *args: str) -> None:
+    verb, *rest = args
+    config = alembic_config()
+    with scratch.connect() as conn:
+        config.attributes["connection"] = conn
+        getattr(command, verb)(config, *rest)
+
+
+def _layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    monkeypatch.setenv("STORAGE_LAYOUT", layout)
+    get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings_afterwards() -> Iterator[None]:
+    yield
+    get_settings.cache_clear()
+
+
+def _tables(scratch: Engine) -> set[str]:
+    with scratch.connect() as conn:
+        return set(
+            conn.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+            ).scalars()
+        )
+
+
+def _partitions(scratch: Engine) -> list[str]:
+    with scratch.connect() as conn:
+        return sorted(
+            conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'raw_events'::regclass"
+                )
+            ).scalars()
+        )
+
+
+def test_partitioned_upgrade_check_downgrade(scratch_engine, monkeypatch):
+    _layout(monkeypatch, "partitioned")
+
+    _alembic(scratch_engine, "upgrade", "head")
+    _alembic(scratch_engine, "check")
+
+    today = datetime.now(UTC).date()
+    days = [today + timedelta(days=n) for n in range(8)]
+    assert _partitions(scratch_engine) == sorted(
+        ["raw_events_default", *(f"raw_events_p{d:%Y%m%d}" for d in days)]
+    )
+    assert {"raw_events", "rejected_events", "alembic_version"} <= _tables(scratch_engine)
+
+    _alembic(scratch_engine, "downgrade", "base")
+    assert _tables(scratch_engine) == {"alembic_version"}
+
+    _alembic(scratch_engine, "upgrade", "head")
+    _alembic(scratch_engine, "check")
+
+
+def test_partition_keeper_moves_rows_out_of_the_default_partition(scratch_engine, monkeypatch):
+    _layout(monkeypatch, "partitioned")
+    _alembic(scratch_engine, "upgrade", "head")
+    far = datetime.now(UTC) + timedelta(days=40)
+    old = datetime(2020, 2, 29, 23, 59, 59, tzinfo=UTC)
+    insert = text(
+        "INSERT INTO raw_events (id, occurred_at, source, source_id, event_type, payload)"
+        " VALUES (:id, :at, 'reddit', 'stocks', 'comment', '{}')"
+    )
+    with scratch_engine.begin() as conn:
+        conn.execute(insert, [{"id": "far1", "at": far}, {"id": "old1", "at": old}])
+        assert conn.execute(text("SELECT count(*) FROM raw_events_default")).scalar() == 2
+
+    with scratch_engine.begin() as conn:
+        made = dict(conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)")).all())
+
+    assert made == {f"raw_events_p{far:%Y%m%d}": 1, "raw_events_p20200229": 1}
+    with scratch_engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM raw_events_default")).scalar() == 0
+        placed = dict(conn.execute(text("SELECT id, tableoid::regclass::text FROM raw_events")).all())
+    assert placed == {"far1": f"raw_events_p{far:%Y%m%d}", "old1": "raw_events_p20200229"}
+
+    # Running it again is a no-op: everything it would make exists.
+    with scratch_engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM raw_events_ensure_partitions(7)")).scalar() == 0
+
+
+def test_timescaledb_layout_refused_clearly_without_the_extension(scratch_engine, monkeypatch, timescale):
+    if timescale:
+        pytest.skip("this server has TimescaleDB")
+    _layout(monkeypatch, "timescaledb")
+
+    with pytest.raises(RuntimeError, match="STORAGE_LAYOUT=timescaledb but this server has no"):
+        _alembic(scratch_engine, "upgrade", "head")
+
+
+@pytest.mark.timescale
+def test_hypertable_upgrade_check_downgrade(scratch_engine, monkeypatch, timescale):
+    if not timescale:
+        pytest.skip("this server has no TimescaleDB; the partitioned layout was tested instead")
+    _layout(monkeypatch, "auto")
+
+    _alembic(scratch_engine, "upgrade", "head")
+    _alembic(scratch_engine, "check")
+
+    with scratch_engine.connect() as conn:
+        hypertable = conn.execute(
+            text(
+                "SELECT compression_enabled FROM timescaledb_information.hypertables"
+                " WHERE hypertable_name = 'raw_events'"
+            )
+        ).one()
+        policies = conn.execute(
+            text("SELECT count(*) FROM timescaledb_information.jobs WHERE hypertable_name = 'raw_events'")
+        ).scalar()
+        indexes = set(
+            conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'raw_events'")).scalars()
+        )
+    assert hypertable.compression_enabled is False  # rows are updated when processed
+    assert policies == 0
+    assert indexes == {"pk_raw_events", "ix_raw_events_source_id_event_type_occurred_at", "ix_raw_events_unprocessed"}
+
+    _alembic(scratch_engine, "downgrade", "base")
+    assert _tables(scratch_engine) == {"alembic_version"}
+    _alembic(scratch_engine, "upgrade", "head")

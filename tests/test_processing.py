@@ -1,0 +1,88 @@
+"""Claiming and marking rows for the sentiment workers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text
+
+from sentiment.processing import claim_unprocessed, mark_processed
+from sentiment.sinks.postgres import insert_batch
+from tests.factories import make_event
+
+
+def _events(count: int):
+    start = datetime.now(UTC) - timedelta(hours=5)
+    return [make_event(occurred_at=start + timedelta(seconds=i)) for i in range(count)]
+
+
+def test_claim_returns_oldest_unprocessed_first(db):
+    events = _events(20)
+    insert_batch(list(reversed(events)))
+    mark_processed([events[0].key])
+
+    with claim_unprocessed(5) as claim:
+        assert [row.key for row in claim] == [e.key for e in events[1:6]]
+
+
+def test_concurrent_claimers_get_disjoint_rows(db):
+    insert_batch(_events(100))
+    claimed: list[list[str]] = []
+    both_holding = threading.Barrier(2)
+
+    def claimer() -> None:
+        with claim_unprocessed(30) as claim:
+            claimed.append([row.id for row in claim])
+            both_holding.wait(timeout=10)  # hold the locks until the other has claimed too
+
+    threads = [threading.Thread(target=claimer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(claimed[0]) == len(claimed[1]) == 30
+    assert not set(claimed[0]) & set(claimed[1])
+
+
+def test_a_failed_claim_frees_its_rows(db):
+    insert_batch(_events(3))
+    try:
+        with claim_unprocessed(3):
+            raise RuntimeError("worker crashed")
+    except RuntimeError:
+        pass
+    with claim_unprocessed(10) as claim:
+        assert len(claim) == 3
+
+
+def test_marking_inside_the_claim(db):
+    insert_batch(_events(10))
+    with claim_unprocessed(4) as claim:
+        result = mark_processed([row.key for row in claim], connection=claim.connection)
+    assert result.updated == 4
+    with claim_unprocessed(10) as rest:
+        assert len(rest) == 6
+
+
+def test_mark_processed_counts_and_keeps_the_first_time(db):
+    events = _events(5)
+    insert_batch(events)
+    first = mark_processed([e.key for e in events[:3]])
+    with db.connect() as conn:
+        before = dict(conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all())
+
+    second = mark_processed([events[0].key, events[1].id, events[3].id, ("nope1", datetime.now(UTC)), "nope2"])
+
+    assert first.summary() == {"updated": 3, "already_processed": 0, "unknown": 0}
+    assert second.summary() == {"updated": 1, "already_processed": 2, "unknown": 2}
+    with db.connect() as conn:
+        after = dict(conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all())
+    assert {k: after[k] for k in before} == before
+    assert set(after) == {e.id for e in events[:4]}
+    assert all(v is not None for v in after.values())
+
+
+def test_mark_processed_with_no_keys(db):
+    assert mark_processed([]).summary() == {"updated": 0, "already_processed": 0, "unknown": 0}
