@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, MetaData,
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "RawEvent", "RejectedEvent"]
+__all__ = ["Base", "IngestedBatch", "RawEvent", "RejectedEvent"]
 
 # Stable constraint names, so migrations never depend on what the server invents.
 NAMING_CONVENTION = {
@@ -78,3 +78,21 @@ class RejectedEvent(Base):
     # or a lone surrogate that the database refused survives here as text.
     record: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[utc_now]
+
+
+class IngestedBatch(Base):
+    """What one chunk of a batch inserted, written in the same transaction as the rows.
+
+    A task that dies after its insert committed runs again; it then finds the
+    chunk here and hands on the same new rows, instead of seeing only
+    conflicts and never exporting them.
+    """
+
+    __tablename__ = "ingested_batches"
+
+    batch_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    first_row: Mapped[int] = mapped_column(primary_key=True)
+    last_row: Mapped[int] = mapped_column(primary_key=True)
+    new_keys: Mapped[list[Any]] = mapped_column(JSONB)
+    rejected: Mapped[int]
+    created_at: Mapped[utc_now]

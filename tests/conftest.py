@@ -104,7 +104,7 @@ def db(engine):  # type: ignore[no-untyped-def]
     from sqlalchemy import text
 
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE raw_events, rejected_events"))
+        conn.execute(text("TRUNCATE raw_events, rejected_events, ingested_batches"))
     return engine
 
 

@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -33,6 +33,7 @@ import orjson
 import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
+from psycopg.types.json import Jsonb
 from sqlalchemy import Engine, create_engine
 
 from sentiment.config import get_settings
@@ -44,6 +45,8 @@ __all__ = ["InsertResult", "get_sink_engine", "insert_batch"]
 log = logging.getLogger(__name__)
 
 _JSONB_OID = 3802
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _COLUMNS = "id, occurred_at, source, source_id, event_type, payload"
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS raw_events_stage (
@@ -57,6 +60,13 @@ SELECT {_COLUMNS} FROM raw_events_stage
 ORDER BY id, occurred_at
 ON CONFLICT (id, occurred_at) DO NOTHING
 RETURNING id, occurred_at
+"""
+_RECORDED = """
+SELECT first_row, last_row, new_keys, rejected FROM ingested_batches WHERE batch_id = %s
+"""
+_RECORD = """
+INSERT INTO ingested_batches (batch_id, first_row, last_row, new_keys, rejected)
+VALUES (%s, %s, %s, %s, %s)
 """
 _REJECT = """
 INSERT INTO rejected_events (event_id, source_id, occurred_at, reason, record)
@@ -101,18 +111,23 @@ def get_sink_engine() -> Engine:
 
 
 def insert_batch(
-    events: Sequence[RawEventDTO], *, engine: Engine | None = None, chunk_size: int | None = None
+    events: Sequence[RawEventDTO],
+    *,
+    batch_id: str | None = None,
+    engine: Engine | None = None,
+    chunk_size: int | None = None,
 ) -> InsertResult:
     """Store `events` once each; return the ones that were new.
 
     Safe to call again with the same or overlapping events, from any number of
-    processes at once.
+    processes at once. With a `batch_id`, a second call for the same batch
+    returns the same new events as the first did, even if the first died
+    after committing: each chunk's outcome is recorded with its rows.
     """
     engine = engine or get_sink_engine()
     chunk_size = chunk_size or get_settings().insert_batch_size
-    result = InsertResult()
     unique = _dedupe(events)
-    result.duplicates += len(events) - len(unique)
+    batch = _Batch(unique, batch_id, InsertResult(duplicates=len(events) - len(unique)))
     try:
         raw = engine.raw_connection()
     except Exception as exc:
@@ -120,14 +135,24 @@ def insert_batch(
     try:
         conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
         _prepare(conn, raw.info)
+        if batch_id is not None:
+            batch.recorded = _recorded_chunks(conn, batch_id)
         for start in range(0, len(unique), chunk_size):
-            _store_chunk(conn, unique[start : start + chunk_size], result)
+            _store_chunk(conn, batch, start, min(start + chunk_size, len(unique)))
     except psycopg.OperationalError as exc:
         raw.invalidate()
         raise _unavailable(exc) from exc
     finally:
         raw.close()
-    return result
+    return batch.result
+
+
+@dataclass
+class _Batch:
+    events: list[RawEventDTO]
+    batch_id: str | None
+    result: InsertResult
+    recorded: dict[tuple[int, int], tuple[list[Any], int]] = field(default_factory=dict)
 
 
 def _dedupe(events: Sequence[RawEventDTO]) -> list[RawEventDTO]:
@@ -147,25 +172,61 @@ def _prepare(conn: psycopg.Connection[Any], info: dict[str, Any]) -> None:
     info["stage_ready"] = True
 
 
-def _store_chunk(conn: psycopg.Connection[Any], chunk: list[RawEventDTO], result: InsertResult) -> None:
-    """Store a chunk in one transaction; on a refused record, split and retry the halves."""
+def _recorded_chunks(conn: psycopg.Connection[Any], batch_id: str) -> dict[tuple[int, int], tuple[list[Any], int]]:
+    with conn.transaction():
+        rows = conn.execute(_RECORDED, (batch_id,)).fetchall()
+    return {(first, last): (keys, rejected) for first, last, keys, rejected in rows}
+
+
+def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
+    """Store events[first:last] in one transaction; on a refused record, split and retry."""
+    chunk = batch.events[first:last]
+    if (first, last) in batch.recorded:
+        keys, rejected = batch.recorded[(first, last)]
+        _count(batch.result, chunk, [(k[0], _EPOCH + k[1] * _MICROSECOND) for k in keys], rejected)
+        return
     try:
         with conn.transaction():
             new_keys = _copy_and_insert(conn, chunk)
+            _record(conn, batch, first, last, new_keys, rejected=0)
     except psycopg.OperationalError:
         raise
     except psycopg.Error as exc:
         if len(chunk) == 1:
-            _reject(conn, chunk[0], exc)
-            result.rejected += 1
+            with conn.transaction():
+                _reject(conn, chunk[0], exc)
+                _record(conn, batch, first, last, [], rejected=1)
+            batch.result.rejected += 1
             return
-        middle = len(chunk) // 2
-        _store_chunk(conn, chunk[:middle], result)
-        _store_chunk(conn, chunk[middle:], result)
+        middle = (first + last) // 2
+        _store_chunk(conn, batch, first, middle)
+        _store_chunk(conn, batch, middle, last)
         return
+    _count(batch.result, chunk, new_keys, 0)
+
+
+def _count(
+    result: InsertResult, chunk: list[RawEventDTO], new_keys: list[tuple[str, datetime]], rejected: int
+) -> None:
     by_key = {event.key: event for event in chunk}
     result.new.extend(by_key[key] for key in new_keys)
-    result.duplicates += len(chunk) - len(new_keys)
+    result.rejected += rejected
+    result.duplicates += len(chunk) - len(new_keys) - rejected
+
+
+def _record(
+    conn: psycopg.Connection[Any],
+    batch: _Batch,
+    first: int,
+    last: int,
+    new_keys: list[tuple[str, datetime]],
+    *,
+    rejected: int,
+) -> None:
+    if batch.batch_id is None:
+        return
+    keys = [[event_id, (at - _EPOCH) // _MICROSECOND] for event_id, at in new_keys]
+    conn.execute(_RECORD, (batch.batch_id, first, last, Jsonb(keys), rejected))
 
 
 def _copy_and_insert(conn: psycopg.Connection[Any], chunk: list[RawEventDTO]) -> list[tuple[str, datetime]]:
@@ -205,11 +266,9 @@ def _reject(conn: psycopg.Connection[Any], event: RawEventDTO, exc: psycopg.Erro
         "rejected event %s from r/%s: %s", event.id, event.source_id, reason,
         extra={"event_id": event.id, "subreddit": event.source_id},
     )  # fmt: skip
-    with conn.transaction():
-        conn.execute(
-            _REJECT,
-            (event.id[:64], str(event.source_id)[:64], event.occurred_at, reason[:1000], record),
-        )
+    conn.execute(
+        _REJECT, (event.id[:64], str(event.source_id)[:64], event.occurred_at, reason[:1000], record)
+    )
 
 
 def _unavailable(exc: BaseException) -> ServiceUnavailable:

@@ -162,3 +162,35 @@ def test_database_down_raises_a_retryable_error(settings):
         insert_batch(make_events(3), engine=unreachable)
     assert caught.value.retryable
     assert "PostgreSQL is unavailable" in str(caught.value)
+
+
+def test_a_batch_run_again_hands_on_the_same_new_rows(db):
+    # A task that died after its insert committed runs again: it must hand on
+    # the rows it inserted the first time, or they would never be exported.
+    stored_before = make_events(30)
+    insert_batch(stored_before)
+    batch = stored_before[:10] + make_events(70)
+
+    first = insert_batch(batch, batch_id="batch-1", chunk_size=16)
+    again = insert_batch(batch, batch_id="batch-1", chunk_size=16)
+
+    assert len(first.new) == 70
+    assert [e.key for e in again.new] == [e.key for e in first.new]
+    assert (again.duplicates, again.rejected) == (first.duplicates, first.rejected) == (10, 0)
+    assert insert_batch(batch, batch_id="batch-2").new == []
+
+
+def test_a_rejected_record_is_quarantined_once_across_reruns(db):
+    poison = RawEventDTO.model_construct(
+        id="zzz998", occurred_at=datetime.now(UTC), source="reddit", source_id="stocks",
+        event_type="comment", payload={"body": "\x00"},
+    )  # fmt: skip
+    batch = [*make_events(20), poison]
+
+    first = insert_batch(batch, batch_id="b")
+    again = insert_batch(batch, batch_id="b")
+
+    assert first.rejected == again.rejected == 1
+    assert len(again.new) == 20
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM rejected_events")).scalar() == 1
