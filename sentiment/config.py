@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sentiment.errors import ConfigError
@@ -101,7 +108,10 @@ class Settings(BaseSettings):
     reddit_password: SecretStr | None = None
     reddit_oauth_url: str = "https://oauth.reddit.com"
     reddit_url: str = "https://www.reddit.com"
-    reddit_requests_per_minute: int = Field(100, ge=1, le=10_000)
+    # Reddit's budget per OAuth client: requests per fixed window.
+    reddit_ratelimit_requests: int = Field(100, ge=1, le=10_000)
+    reddit_ratelimit_window_seconds: int = Field(60, ge=1, le=3600)
+    reddit_max_attempts: int = Field(5, ge=1, le=20)
     reddit_timeout_seconds: float = Field(16.0, gt=0, le=300)
     scrape_backfill_depth: int = Field(1000, ge=100, le=1000)
 
@@ -113,6 +123,12 @@ class Settings(BaseSettings):
     csv_dir: Path = Path("data/csv")
     insert_batch_size: int = Field(5000, ge=1, le=1_000_000)
     claim_batch_size: int = Field(500, ge=1, le=100_000)
+
+    # Celery: task limits and redelivery.
+    task_soft_time_limit: int = Field(600, ge=10, le=86_400)
+    task_max_retries: int = Field(20, ge=0, le=1000)
+    retry_backoff_max: int = Field(120, ge=1, le=3600)
+    celery_visibility_timeout: int = Field(3600, ge=30)
 
     # Storage layout: "auto" makes raw_events a hypertable when the server has
     # TimescaleDB, and a natively partitioned table otherwise.
@@ -162,6 +178,17 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_secret_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_tasks(self) -> Settings:
+        needed = self.task_soft_time_limit + 60 + self.retry_backoff_max
+        if self.celery_visibility_timeout <= needed:
+            raise ValueError(
+                f"CELERY_VISIBILITY_TIMEOUT ({self.celery_visibility_timeout}s) must exceed "
+                f"TASK_SOFT_TIME_LIMIT + 60 + RETRY_BACKOFF_MAX ({needed}s), or Redis would hand a "
+                "running task to a second worker"
+            )
+        return self
 
     # -- derived values -------------------------------------------------------
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-__all__ = ["LimiterState", "SharedRateLimiter"]
+__all__ = ["LimiterState", "SharedRateLimiter", "limiter_key"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ return 1
 """
 
 
+def limiter_key(client_id: str) -> str:
+    """The Redis key of a client id's window (a digest: the id itself stays out of Redis)."""
+    return f"sentiment:reddit:ratelimit:{hashlib.sha256(client_id.encode()).hexdigest()[:16]}"
+
+
 @dataclass(frozen=True)
 class LimiterState:
     """What the limiter knows now (for `sentiment status` and the live view)."""
@@ -104,8 +109,7 @@ class SharedRateLimiter:
     """Tokens for one OAuth client id, shared by every process through Redis."""
 
     def __init__(self, redis: Redis, client_id: str, *, limit: int, window_seconds: int) -> None:
-        digest = hashlib.sha256(client_id.encode()).hexdigest()[:16]  # never the id itself
-        self.key = f"sentiment:reddit:ratelimit:{digest}"
+        self.key = limiter_key(client_id)
         self.limit = limit
         self.window_seconds = window_seconds
         self._redis = redis

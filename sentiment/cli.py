@@ -1,0 +1,202 @@
+"""`sentiment …`: run the pipeline, look at it, and poke it.
+
+    sentiment run [--duration S]   everything: servers, migrations, worker, beat, Flower
+    sentiment status               queues, last scrapes, row counts, backlog, health
+    sentiment scrape SUBREDDIT     enqueue one scrape, wait, print its summary
+    sentiment migrate [--check]    alembic upgrade head (or: do models and migrations agree?)
+    sentiment services start|stop  the embedded PostgreSQL and Redis
+    sentiment simulator            the Reddit-compatible simulator, on 127.0.0.1
+    sentiment reddit check         are the credentials good, is each subreddit readable?
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sentiment.config import get_settings
+from sentiment.errors import ConfigError, SentimentError
+
+__all__ = ["app"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+services_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL and Redis.")
+reddit_app = typer.Typer(no_args_is_help=True, help="Reddit credentials and subreddits.")
+app.add_typer(services_app, name="services")
+app.add_typer(reddit_app, name="reddit")
+console = Console()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+@app.callback()
+def _check_settings() -> None:
+    """Read the settings first: a bad value stops here, saying what to fix."""
+    try:
+        get_settings()
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    duration: Annotated[float | None, typer.Option(help="stop by itself after this many seconds")] = None,
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
+    flower_port: Annotated[int, typer.Option(help="Flower on 127.0.0.1:PORT")] = 5555,
+    simulator_port: Annotated[int, typer.Option(help="simulator port, when it runs")] = 8765,
+) -> None:
+    """Run the whole pipeline, with a live view; Ctrl-C stops everything cleanly."""
+    from sentiment.runner import Runner
+
+    try:
+        Runner(
+            get_settings(), concurrency=concurrency, flower_port=flower_port,
+            simulator_port=simulator_port, console=console,
+        ).run(duration)  # fmt: skip
+    except (SentimentError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Queue lengths, last scrape and rows per subreddit, backlog, and health."""
+    from sentiment.status import collect_status, render_status
+
+    report = collect_status(get_settings())
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        render_status(report, console)
+
+
+@app.command()
+def scrape(
+    subreddit: str,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the result")] = 300,
+) -> None:
+    """Enqueue one scrape of SUBREDDIT, wait for its chain, print the summary."""
+    from sentiment.config import valid_subreddit
+    from sentiment.tasks import scrape as scrape_task
+
+    try:
+        name = valid_subreddit(subreddit)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    result = scrape_task.delay(name)
+    console.print(f"enqueued scrape of r/{name} (task {result.id}); waiting for a worker…")
+    try:
+        summary = result.get(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - show the task's own error, whatever it is
+        _fail(f"{type(exc).__name__}: {exc}")
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def migrate(check: Annotated[bool, typer.Option(help="only check models against migrations")] = False) -> None:
+    """Apply migrations (alembic upgrade head), starting embedded servers if needed."""
+    from alembic import command
+    from alembic.config import Config
+
+    from sentiment.embedded import ensure_services
+
+    settings = get_settings()
+    ensure_services(settings)
+    config = Config(str(ROOT / "alembic.ini"))
+    if check:
+        command.check(config)
+    else:
+        command.upgrade(config, "head")
+        console.print("database is at the newest migration")
+
+
+@services_app.command("start")
+def services_start() -> None:
+    """Start the embedded PostgreSQL and Redis (those not configured elsewhere)."""
+    from sentiment.embedded import ensure_services
+
+    settings = get_settings()
+    started = ensure_services(settings)
+    console.print(f"running: {settings.safe_summary()['postgres']}, redis {settings.safe_summary()['redis']}"
+                  f" (started now: {', '.join(started) or 'none'})")  # fmt: skip
+
+
+@services_app.command("stop")
+def services_stop() -> None:
+    """Stop the embedded PostgreSQL and Redis."""
+    from sentiment.embedded import stop_services
+
+    stop_services(get_settings())
+    console.print("embedded services stopped")
+
+
+@app.command()
+def simulator(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
+    subreddits: Annotated[str, typer.Option(help="comma-separated subreddits to serve")] = "",
+    growth: Annotated[float, typer.Option(help="new items per second per subreddit")] = 2.0,
+    rpm: Annotated[int | None, typer.Option(help="requests per minute per client (none: unlimited)")] = 100,
+    client_id: Annotated[str, typer.Option(help="OAuth client id it accepts")] = "simulator",
+    client_secret: Annotated[str, typer.Option(help="OAuth client secret it accepts")] = "simulator",
+) -> None:
+    """Serve the Reddit-compatible simulator until Ctrl-C."""
+    from sentiment.reddit.simulator import run_simulator
+
+    names = [s.strip() for s in subreddits.split(",") if s.strip()] or [
+        s.name for s in get_settings().subreddits
+    ]
+    run_simulator(
+        port=port, subreddits=names, growth=growth, rpm=rpm,
+        client_id=client_id, client_secret=client_secret,
+    )  # fmt: skip
+
+
+@reddit_app.command("check")
+def reddit_check() -> None:
+    """Verify the Reddit credentials and that each configured subreddit is readable."""
+    import prawcore
+
+    from sentiment.reddit.client import make_sync_reddit
+
+    settings = get_settings()
+    reddit = make_sync_reddit(settings)
+    table = Table("subreddit", "status")
+    failures = 0
+    try:
+        reddit.subreddit("announcements").id  # noqa: B018 - forces a token and one request
+    except (prawcore.OAuthException, prawcore.ResponseException) as exc:
+        _fail(f"Reddit refused the credentials ({exc}): check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET")
+    for sub in settings.subreddits:
+        try:
+            about = reddit.subreddit(sub.name)
+            table.add_row(sub.name, f"ok, {about.subscribers:,} subscribers")
+        except prawcore.PrawcoreException as exc:
+            failures += 1
+            table.add_row(sub.name, f"[red]{type(exc).__name__}[/red]: {exc}")
+    console.print(table)
+    if failures:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

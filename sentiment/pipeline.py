@@ -1,0 +1,214 @@
+"""What the Celery tasks do, without Celery: scrape, stash, lock, remember.
+
+* Each worker process keeps one event loop, one asyncpraw client and one
+  shared-limiter handle for its life, so a scrape does not pay for a new
+  OAuth token and a new connection pool every time.
+* A scraped batch travels by reference: a zstd-compressed blob in Redis with
+  an expiry, deleted once the chain has exported it. Messages carry its key.
+* A lock per subreddit stops two scrapes of it from overlapping; it is held
+  until the batch is stored and the watermarks advanced.
+* A subreddit that answers 403/404 is marked failing and skipped, with a
+  backoff that doubles up to six hours, instead of being hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpraw
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+from sentiment.config import Settings, get_settings
+from sentiment.db import get_engine
+from sentiment.dto import RawEventDTO, dump_events, load_events
+from sentiment.errors import SentimentError
+from sentiment.reddit.client import make_reddit
+from sentiment.reddit.ratelimit import SharedRateLimiter
+from sentiment.reddit.scraper import KINDS, ScrapeResult, scrape_subreddit
+from sentiment.reddit.watermarks import Watermarks
+
+try:  # Python 3.14 has it in the standard library
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the Python version
+    from backports import zstd  # type: ignore[no-redef]
+
+__all__ = [
+    "BatchExpired",
+    "acquire_scrape_lock",
+    "drop_batch",
+    "failing_reason",
+    "fetch",
+    "get_redis",
+    "load_batch",
+    "mark_failing",
+    "record_run",
+    "release_scrape_lock",
+    "stash_batch",
+]
+
+BATCH_TTL_S = 3 * 24 * 3600  # outlives any retry schedule; a crashed chain's blob still expires
+_FAILING_BASE_S = 300
+_FAILING_MAX_S = 6 * 3600
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class BatchExpired(SentimentError):
+    """The batch blob is gone (expired or Redis lost its data); the scrape must run again."""
+
+
+_redis_clients: dict[int, redis.Redis] = {}
+
+
+def get_redis() -> redis.Redis:
+    """This process's Redis client (a new one after a fork)."""
+    pid = os.getpid()
+    if pid not in _redis_clients:
+        _redis_clients.clear()
+        _redis_clients[pid] = redis.Redis.from_url(
+            get_settings().redis_connection_url(), socket_timeout=10, health_check_interval=10
+        )
+    return _redis_clients[pid]
+
+
+# -- scraping ---------------------------------------------------------------
+
+
+@dataclass
+class _Runtime:
+    loop: asyncio.AbstractEventLoop
+    reddit: asyncpraw.Reddit
+    limiter: SharedRateLimiter
+
+
+_runtimes: dict[int, _Runtime] = {}
+
+
+def _runtime(settings: Settings) -> _Runtime:
+    pid = os.getpid()
+    if pid not in _runtimes:
+        _runtimes.clear()  # inherited from a parent process: unusable here
+        loop = asyncio.new_event_loop()
+        limiter = SharedRateLimiter(
+            AsyncRedis.from_url(settings.redis_connection_url()),
+            settings.reddit_client_id or "anonymous",
+            limit=settings.reddit_ratelimit_requests,
+            window_seconds=settings.reddit_ratelimit_window_seconds,
+        )
+        _runtimes[pid] = _Runtime(loop, make_reddit(settings, limiter), limiter)
+    return _runtimes[pid]
+
+
+def fetch(subreddit: str) -> ScrapeResult:
+    """Scrape `subreddit` from its watermarks (they are advanced later, once stored)."""
+    settings = get_settings()
+    marks = Watermarks(get_redis(), get_engine()).get(subreddit, KINDS)
+    runtime = _runtime(settings)
+    return runtime.loop.run_until_complete(
+        scrape_subreddit(
+            runtime.reddit, subreddit, marks,
+            depth=settings.scrape_backfill_depth, attempts=settings.reddit_max_attempts,
+        )  # fmt: skip
+    )
+
+
+def advance_watermarks(subreddit: str, marks: dict[str, str]) -> None:
+    Watermarks(get_redis(), get_engine()).advance(subreddit, marks)
+
+
+# -- batches by reference ---------------------------------------------------
+
+
+def stash_batch(events: list[RawEventDTO]) -> str | None:
+    """Store events as a compressed blob; return its key (None for no events)."""
+    if not events:
+        return None
+    key = f"sentiment:batch:{uuid.uuid4().hex}"
+    get_redis().set(key, zstd.compress(dump_events(events)), ex=BATCH_TTL_S)
+    return key
+
+
+def load_batch(key: str | None) -> list[RawEventDTO]:
+    if key is None:
+        return []
+    blob = get_redis().get(key)
+    if blob is None:
+        raise BatchExpired(
+            f"batch {key} is gone from Redis (expired or flushed); the next scrape fetches it again"
+        )
+    return load_events(zstd.decompress(blob))
+
+
+def drop_batch(key: str | None) -> None:
+    if key is not None:
+        get_redis().delete(key)
+
+
+# -- locks and subreddit health ---------------------------------------------
+
+
+def _lock_key(subreddit: str) -> str:
+    return f"sentiment:lock:scrape:{subreddit}"
+
+
+def acquire_scrape_lock(subreddit: str, ttl_s: int) -> str | None:
+    """A token if this scrape may run, None if another holds the subreddit."""
+    token = uuid.uuid4().hex
+    return token if get_redis().set(_lock_key(subreddit), token, nx=True, ex=ttl_s) else None
+
+
+def release_scrape_lock(subreddit: str, token: str | None) -> None:
+    """Release our lock only: after a TTL expiry it may belong to another scrape."""
+    if token:
+        get_redis().eval(_RELEASE, 1, _lock_key(subreddit), token)
+
+
+def failing_reason(subreddit: str) -> str | None:
+    value = get_redis().get(f"sentiment:failing:{subreddit}")
+    return value.decode() if value else None
+
+
+def mark_failing(subreddit: str, reason: str) -> int:
+    """Skip the subreddit for a while (5 min, doubling to 6 h); return the seconds."""
+    client = get_redis()
+    failures = int(client.incr(f"sentiment:failures:{subreddit}"))
+    client.expire(f"sentiment:failures:{subreddit}", _FAILING_MAX_S * 4)
+    seconds = min(_FAILING_MAX_S, _FAILING_BASE_S * 2 ** (failures - 1))
+    client.set(f"sentiment:failing:{subreddit}", reason, ex=seconds)
+    return seconds
+
+
+def clear_failing(subreddit: str) -> None:
+    get_redis().delete(f"sentiment:failures:{subreddit}", f"sentiment:failing:{subreddit}")
+
+
+def record_run(subreddit: str, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
+    """Remember the last run and the last error of a subreddit (for `sentiment status`)."""
+    fields: dict[str, str] = {"at": str(time.time())}
+    if summary is not None:
+        fields["summary"] = json.dumps(summary)
+    if error is not None:
+        fields["error"] = error
+        fields["error_at"] = fields["at"]
+    get_redis().hset(f"sentiment:runs:{subreddit}", mapping=fields)
+
+
+def last_runs(subreddits: list[str]) -> dict[str, dict[str, Any]]:
+    client = get_redis()
+    runs = {}
+    for name in subreddits:
+        raw = {k.decode(): v.decode() for k, v in client.hgetall(f"sentiment:runs:{name}").items()}
+        if "summary" in raw:
+            raw["summary"] = json.loads(raw["summary"])
+        runs[name] = raw
+    return runs

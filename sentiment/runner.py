@@ -1,0 +1,161 @@
+"""`sentiment run`: every process of the pipeline on one machine, with a live view.
+
+Servers that are configured (PG_HOST, REDIS_URL, Reddit credentials) are used
+as they are; whatever is missing is provided: embedded PostgreSQL and Redis,
+and the Reddit simulator. Then migrations, one worker, beat and Flower run as
+child processes, logging to `<DATA_DIR>/logs/`. Ctrl-C (or --duration) stops
+them in order: beat first (no new work), then the worker (warm shutdown:
+running tasks finish), then Flower and the simulator, then the servers this
+command started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from sentiment.config import Settings
+from sentiment.embedded import ensure_services, stop_services
+
+__all__ = ["DEMO_SUBREDDITS", "Runner"]
+
+DEMO_SUBREDDITS = "wallstreetbets:30,stocks:30,investing:60,cryptocurrency:30,personalfinance:60"
+_SIMULATOR_SECRET = "simulator-secret"  # the local simulator's, not a Reddit secret
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Runner:
+    settings: Settings
+    concurrency: int = 2
+    flower_port: int = 5555
+    simulator_port: int = 8765
+    console: Console = field(default_factory=Console)
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.data_dir.resolve() / "logs"
+
+    def run(self, duration: float | None = None) -> None:
+        started = ensure_services(self.settings)
+        env = self._child_environment()
+        try:
+            self._migrate(env)
+            if not self.settings.has_reddit_credentials:
+                self._spawn("simulator", [
+                    "simulator", "--port", str(self.simulator_port),
+                    "--subreddits", ",".join(s.split(":")[0] for s in env["SUBREDDITS"].split(",")),
+                    "--client-id", "simulator", "--client-secret", _SIMULATOR_SECRET,
+                ], env, sentiment_cli=True)  # fmt: skip
+                self._wait_for_port(self.simulator_port)
+            self._spawn("worker", [
+                "-A", "sentiment", "worker", "--loglevel", "INFO",
+                "--concurrency", str(self.concurrency), "-Q", "scrape,ingest,export",
+                "--hostname", "worker@%h",
+            ], env)  # fmt: skip
+            self._spawn("beat", ["-A", "sentiment", "beat", "--loglevel", "INFO"], env)
+            self._spawn("flower", [
+                "-A", "sentiment", "flower", "--address=127.0.0.1", f"--port={self.flower_port}",
+            ], env)  # fmt: skip
+            self._announce(env)
+            self._watch(duration, env)
+        except KeyboardInterrupt:
+            self.console.print("\nstopping…")
+        finally:
+            self._stop_children()
+            if started:
+                stop_services(self.settings, started)
+            self.console.print(f"stopped; logs are in {self.log_dir}")
+
+    def _child_environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["DATA_DIR"] = str(self.settings.data_dir.resolve())
+        env["CSV_DIR"] = str(self.settings.csv_dir.resolve())
+        env["PYTHONUNBUFFERED"] = "1"
+        if not self.settings.subreddits:
+            env["SUBREDDITS"] = DEMO_SUBREDDITS
+        else:
+            env["SUBREDDITS"] = ",".join(f"{s.name}:{s.interval_seconds}" for s in self.settings.subreddits)
+        if not self.settings.has_reddit_credentials:
+            base = f"http://127.0.0.1:{self.simulator_port}"
+            env.update(
+                REDDIT_CLIENT_ID="simulator", REDDIT_CLIENT_SECRET=_SIMULATOR_SECRET,
+                REDDIT_OAUTH_URL=base, REDDIT_URL=base,
+            )  # fmt: skip
+        return env
+
+    def _migrate(self, env: dict[str, str]) -> None:
+        self.console.print("migrating the database…")
+        subprocess.run([sys.executable, "-m", "sentiment.cli", "migrate"], env=env, check=True)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], *, sentiment_cli: bool = False) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        program = [sys.executable, "-m", "sentiment.cli"] if sentiment_cli else [sys.executable, "-m", "celery"]
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [*program, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            )  # fmt: skip
+        self.children.append(_Child(name, process, log))
+
+    def _wait_for_port(self, port: int, timeout: float = 20) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the simulator did not listen on port {port}; see {self.log_dir}/simulator.log")
+
+    def _announce(self, env: dict[str, str]) -> None:
+        reddit = env.get("REDDIT_OAUTH_URL", self.settings.reddit_oauth_url)
+        self.console.print(
+            f"[bold]running[/bold]: Flower http://127.0.0.1:{self.flower_port}  ·  Reddit {reddit}  ·  "
+            f"CSV {env['CSV_DIR']}  ·  logs {self.log_dir}\n"
+            "Ctrl-C stops everything."
+        )
+
+    def _watch(self, duration: float | None, env: dict[str, str]) -> None:
+        from sentiment.status import collect_status, status_table
+
+        deadline = time.monotonic() + duration if duration else None
+        names = [s.split(":")[0].lower() for s in env["SUBREDDITS"].split(",")]
+        with Live(console=self.console, refresh_per_second=1, transient=False) as live:
+            while deadline is None or time.monotonic() < deadline:
+                for child in self.children:
+                    if child.process.poll() is not None:
+                        raise RuntimeError(
+                            f"{child.name} exited with {child.process.returncode}; see {child.log}"
+                        )
+                live.update(status_table(collect_status(self.settings, names)))
+                time.sleep(2)
+
+    def _stop_children(self) -> None:
+        order = {"beat": 0, "worker": 1, "flower": 2, "simulator": 3}
+        for child in sorted(self.children, key=lambda c: order.get(c.name, 9)):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+                try:
+                    child.process.wait(timeout=30 if child.name == "worker" else 10)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        self.children.clear()

@@ -1,0 +1,84 @@
+"""Celery beat: the schedule built from Settings, and a guard against two beats.
+
+One `scrape-<subreddit>` entry per configured subreddit, each with its own
+interval and an `expires` a little shorter than it, so a backlog built up
+while workers were down is dropped instead of replayed in a burst.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import redis
+from celery.beat import PersistentScheduler
+from celery.schedules import crontab
+
+from sentiment.config import Settings, get_settings
+
+__all__ = ["BEAT_LOCK_KEY", "SingleBeatScheduler", "build_beat_schedule"]
+
+log = logging.getLogger(__name__)
+
+BEAT_LOCK_KEY = "sentiment:beat:lock"
+_BEAT_LOCK_TTL = 60
+
+
+def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The beat entries: one scrape per subreddit, and the partition keeper."""
+    schedule: dict[str, dict[str, Any]] = {
+        f"scrape-{sub.name}": {
+            "task": "sentiment.tasks.scrape",
+            "schedule": float(sub.interval_seconds),
+            "args": (sub.name,),
+            "options": {"expires": max(5.0, sub.interval_seconds * 0.9), "queue": "scrape"},
+        }
+        for sub in settings.subreddits
+    }
+    schedule["keep-partitions"] = {
+        "task": "sentiment.tasks.keep_partitions",
+        "schedule": crontab(minute=7),  # hourly; partitions are made days ahead
+        "options": {"expires": 3000.0},
+    }
+    return schedule
+
+
+class SingleBeatScheduler(PersistentScheduler):
+    """A beat scheduler that refuses to run while another beat holds the lock.
+
+    Two beats would send every scrape twice. The scrape lock would turn the
+    second into a no-op, but the queues would still fill with noise, so a
+    second beat stops at start-up and says why. The lock expires a minute
+    after its beat dies, so a crashed beat never blocks its successor for long.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._redis = redis.Redis.from_url(get_settings().redis_connection_url())
+        self._token = f"{socket.gethostname()}:{os.getpid()}"
+        super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        if not self._redis.set(BEAT_LOCK_KEY, self._token, nx=True, ex=_BEAT_LOCK_TTL):
+            holder = (self._redis.get(BEAT_LOCK_KEY) or b"?").decode()
+            raise SystemExit(
+                f"another celery beat ({holder}) is already running for this broker; "
+                "run exactly one beat (stop the other, or wait a minute if it crashed)"
+            )
+        super().setup_schedule()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        # Refresh our lock; if it was lost (Redis flushed), take it back.
+        current = self._redis.get(BEAT_LOCK_KEY)
+        if current is None or current.decode() == self._token:
+            self._redis.set(BEAT_LOCK_KEY, self._token, ex=_BEAT_LOCK_TTL)
+        else:
+            raise SystemExit(f"beat lock taken over by {current.decode()}; stopping this beat")
+        return min(float(super().tick(*args, **kwargs)), _BEAT_LOCK_TTL / 3)
+
+    def close(self) -> None:
+        current = self._redis.get(BEAT_LOCK_KEY)
+        if current is not None and current.decode() == self._token:
+            self._redis.delete(BEAT_LOCK_KEY)
+        super().close()

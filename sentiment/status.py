@@ -1,0 +1,120 @@
+"""What `sentiment status` and the live view of `sentiment run` show."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from rich.console import Console, Group
+from rich.table import Table
+from sqlalchemy import create_engine, text
+
+from sentiment.config import Settings
+from sentiment.reddit.ratelimit import limiter_key
+
+__all__ = ["collect_status", "render_status", "status_table"]
+
+QUEUES = ("scrape", "ingest", "export")
+
+_ROWS = text(
+    """
+    SELECT source_id, event_type, count(*), max(occurred_at), max(ingested_at)
+    FROM raw_events GROUP BY source_id, event_type
+    """
+)
+
+
+def collect_status(settings: Settings, subreddits: list[str] | None = None) -> dict[str, Any]:
+    """A snapshot of the pipeline; each part says "error" rather than fail the whole."""
+    names = subreddits or [s.name for s in settings.subreddits]
+    report: dict[str, Any] = {"settings": settings.safe_summary(), "health": {}, "subreddits": {}}
+    _collect_database(settings, names, report)
+    _collect_redis(settings, names, report)
+    return report
+
+
+def _collect_database(settings: Settings, names: list[str], report: dict[str, Any]) -> None:
+    engine = create_engine(settings.database_url(), pool_size=1, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            for source_id, kind, count, newest, ingested in conn.execute(_ROWS):
+                entry = report["subreddits"].setdefault(source_id, {})
+                entry[f"{kind}s"] = count
+                entry[f"newest_{kind}"] = newest
+                entry["last_ingested"] = max(filter(None, [entry.get("last_ingested"), ingested]))
+            report["unprocessed"] = conn.execute(
+                text("SELECT count(*) FROM raw_events WHERE NOT processed")
+            ).scalar()
+            report["rejected"] = conn.execute(text("SELECT count(*) FROM rejected_events")).scalar()
+        report["health"]["postgres"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
+        report["health"]["postgres"] = f"error: {type(exc).__name__}"
+    finally:
+        engine.dispose()
+    for name in names:
+        report["subreddits"].setdefault(name, {})
+
+
+def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any]) -> None:
+    client = redis.Redis.from_url(settings.redis_connection_url(), socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+        report["queues"] = {queue: client.llen(queue) for queue in QUEUES}
+        limiter = client.hgetall(limiter_key(settings.reddit_client_id or "anonymous"))
+        now = time.time()
+        if limiter:
+            window_end = float(limiter.get(b"window_end", now))
+            report["rate_limit"] = {
+                "remaining": int(float(limiter.get(b"remaining", 0))),
+                "limit": settings.reddit_ratelimit_requests,
+                "resets_in_s": max(0, round(window_end - now)),
+                "requests_granted": int(limiter.get(b"granted", 0)),
+                "times_limited": int(limiter.get(b"limited", 0)),
+            }
+        for name in names:
+            entry = report["subreddits"].setdefault(name, {})
+            run = {k.decode(): v.decode() for k, v in client.hgetall(f"sentiment:runs:{name}").items()}
+            if "at" in run:
+                entry["last_run_s_ago"] = round(now - float(run["at"]))
+            if "error" in run:
+                entry["last_error"] = run["error"]
+            failing = client.get(f"sentiment:failing:{name}")
+            if failing:
+                entry["failing"] = failing.decode()
+        report["health"]["redis"] = "ok"
+    except redis.RedisError as exc:
+        report["health"]["redis"] = f"error: {type(exc).__name__}"
+    finally:
+        client.close()
+
+
+def status_table(report: dict[str, Any]) -> Group:
+    """The report as rich tables."""
+    subs = Table("subreddit", "submissions", "comments", "last run", "last error", title="subreddits")
+    for name, entry in sorted(report["subreddits"].items()):
+        ago = entry.get("last_run_s_ago")
+        subs.add_row(
+            name,
+            f"{entry.get('submissions', 0):,}",
+            f"{entry.get('comments', 0):,}",
+            "never" if ago is None else f"{ago}s ago",
+            entry.get("failing") or entry.get("last_error", ""),
+        )
+    overview = Table("postgres", "redis", "queues (scrape/ingest/export)", "unprocessed", "rejected",
+                     "rate limit", title="pipeline")  # fmt: skip
+    queues = report.get("queues", {})
+    limit = report.get("rate_limit")
+    overview.add_row(
+        report["health"].get("postgres", "?"),
+        report["health"].get("redis", "?"),
+        "/".join(str(queues.get(q, "?")) for q in QUEUES),
+        f"{report.get('unprocessed', '?'):,}" if isinstance(report.get("unprocessed"), int) else "?",
+        str(report.get("rejected", "?")),
+        f"{limit['remaining']}/{limit['limit']} left, resets in {limit['resets_in_s']}s" if limit else "-",
+    )
+    return Group(overview, subs)
+
+
+def render_status(report: dict[str, Any], console: Console) -> None:
+    console.print(status_table(report))

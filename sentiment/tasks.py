@@ -1,0 +1,163 @@
+"""The Celery tasks. Thin: delivery options on the decorator, work in the modules.
+
+    scrape(subreddit)            [scrape]  fetch new items, stash them, then become
+      └─ insert_batch(batch)     [ingest]  store; advance watermarks; release the lock
+          └─ export_csv(batch)   [export]  append the new rows to CSV; return the summary
+    mark_processed(keys)         [ingest]  for the sentiment workers
+    keep_partitions()            [ingest]  hourly: future partitions (plain PostgreSQL)
+
+`scrape` replaces itself with the chain, so `scrape.delay("stocks").get()`
+returns the summary of the whole run. Every task is idempotent, so a
+redelivery after a worker died is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Task, chain
+from celery.utils.log import get_task_logger
+from sqlalchemy import text
+
+from sentiment import pipeline, processing
+from sentiment.celery_app import app
+from sentiment.config import get_settings, valid_subreddit
+from sentiment.db import get_engine
+from sentiment.errors import (
+    InvalidSubreddit,
+    RedditAuthError,
+    ServiceUnavailable,
+    SubredditUnavailable,
+)
+from sentiment.sinks import csv as csv_sink
+from sentiment.sinks import postgres as pg_sink
+
+__all__ = ["export_csv", "insert_batch", "keep_partitions", "mark_processed", "scrape"]
+
+log: logging.Logger = get_task_logger(__name__)
+_settings = get_settings()
+
+# Failures that pass: the database, Redis or the disk is back in a while.
+_TRANSIENT = (
+    ServiceUnavailable,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+)
+_RETRY = {
+    "autoretry_for": _TRANSIENT,
+    "retry_backoff": 2,
+    "retry_backoff_max": _settings.retry_backoff_max,
+    "retry_jitter": True,
+    "max_retries": _settings.task_max_retries,
+}
+
+
+@app.task(bind=True, name="sentiment.tasks.scrape", max_retries=_settings.task_max_retries)
+def scrape(self: Task, subreddit: str) -> dict[str, Any]:
+    """Scrape one subreddit, then hand the batch to insert_batch → export_csv."""
+    try:
+        name = valid_subreddit(subreddit)
+    except ValueError as exc:
+        raise InvalidSubreddit(str(exc)) from None
+    started = time.time()
+    if reason := pipeline.failing_reason(name):
+        log.info("skipping r/%s: %s", name, reason)
+        return {"subreddit": name, "skipped": f"r/{name} is marked failing: {reason}"}
+    token = pipeline.acquire_scrape_lock(name, ttl_s=_settings.task_soft_time_limit * 3)
+    if token is None:
+        log.info("skipping r/%s: another scrape of it is in progress", name)
+        return {"subreddit": name, "skipped": f"another scrape of r/{name} is in progress"}
+    try:
+        result = pipeline.fetch(name)
+        ref = pipeline.stash_batch(result.events)
+    except (SubredditUnavailable, RedditAuthError) as exc:
+        pipeline.release_scrape_lock(name, token)
+        if isinstance(exc, SubredditUnavailable):
+            seconds = pipeline.mark_failing(name, str(exc))
+            log.warning("r/%s marked failing for %ds: %s", name, seconds, exc)
+        pipeline.record_run(name, error=str(exc))
+        raise
+    except Exception as exc:
+        pipeline.release_scrape_lock(name, token)
+        pipeline.record_run(name, error=f"{type(exc).__name__}: {exc}")
+        if getattr(exc, "retryable", False) or isinstance(exc, _TRANSIENT):
+            countdown = min(_settings.retry_backoff_max, 2 ** (self.request.retries + 1))
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        raise
+    pipeline.clear_failing(name)
+    batch = {
+        **result.summary(),
+        "batch": ref,
+        "batch_id": self.request.id or ref or "eager",
+        "watermarks": result.watermarks,
+        "lock": token,
+        "started_at": started,
+    }
+    log.info("scraped r/%s: %d new items in %d requests", name, len(result.events), result.requests)
+    raise self.replace(chain(insert_batch.s(batch), export_csv.s()))
+
+
+@app.task(bind=True, name="sentiment.tasks.insert_batch", **_RETRY)
+def insert_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
+    """Store a stashed batch; pass on which of its events were new."""
+    events = pipeline.load_batch(batch["batch"])
+    result = pg_sink.insert_batch(events, batch_id=batch["batch_id"])
+    position = {event.key: index for index, event in enumerate(events)}
+    # Only now, with the rows committed, may the scraper move past them.
+    pipeline.advance_watermarks(batch["subreddit"], batch["watermarks"])
+    pipeline.release_scrape_lock(batch["subreddit"], batch.pop("lock", None))
+    return {**batch, **result.summary(), "new": sorted(position[e.key] for e in result.new)}
+
+
+@app.task(bind=True, name="sentiment.tasks.export_csv", **_RETRY)
+def export_csv(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
+    """Append the batch's new rows to the CSV files; return the run's summary."""
+    events = pipeline.load_batch(batch["batch"])
+    new = [events[index] for index in batch["new"]]
+    exported = csv_sink.export_events(new, csv_dir=_settings.csv_dir, batch_id=batch["batch_id"])
+    pipeline.drop_batch(batch["batch"])
+    summary = {
+        "subreddit": batch["subreddit"],
+        "fetched": batch["fetched"],
+        "inserted": batch["inserted"],
+        "duplicates": batch["duplicates"],
+        "rejected": batch["rejected"] + exported.rejected,
+        "exported": exported.written + exported.skipped,
+        "gaps": batch["gaps"],
+        "malformed": batch["malformed"],
+        "requests": batch["requests"],
+        "seconds": round(time.time() - batch["started_at"], 3),
+    }
+    pipeline.record_run(batch["subreddit"], summary=summary)
+    log.info("r/%s done: %s", batch["subreddit"], summary)
+    return summary
+
+
+@app.task(bind=True, name="sentiment.tasks.mark_processed", **_RETRY)
+def mark_processed(self: Task, keys: list[Any]) -> dict[str, int]:
+    """Mark rows processed: keys are [id, ISO time] pairs or bare ids."""
+    parsed = [k if isinstance(k, str) else (k[0], datetime.fromisoformat(k[1])) for k in keys]
+    return processing.mark_processed(parsed).summary()
+
+
+@app.task(bind=True, name="sentiment.tasks.keep_partitions", **_RETRY)
+def keep_partitions(self: Task) -> dict[str, int]:
+    """Create future daily partitions (plain PostgreSQL) and prune old chunk records."""
+    with get_engine().begin() as conn:
+        created = 0
+        if conn.execute(text("SELECT to_regproc('raw_events_ensure_partitions')")).scalar():
+            created = conn.execute(
+                text("SELECT count(*) FROM raw_events_ensure_partitions(:days)"),
+                {"days": _settings.partition_days_ahead},
+            ).scalar_one()
+        pruned = conn.execute(
+            text("DELETE FROM ingested_batches WHERE created_at < now() - interval '7 days'")
+        ).rowcount
+    return {"partitions_created": created, "batch_records_pruned": pruned}
