@@ -181,14 +181,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
-        needed = self.task_soft_time_limit + 60 + self.retry_backoff_max
+        needed = self.task_hard_time_limit + self.retry_backoff_max
         if self.celery_visibility_timeout <= needed:
             raise ValueError(
-                f"CELERY_VISIBILITY_TIMEOUT ({self.celery_visibility_timeout}s) must exceed "
-                f"TASK_SOFT_TIME_LIMIT + 60 + RETRY_BACKOFF_MAX ({needed}s), or Redis would hand a "
-                "running task to a second worker"
+                f"CELERY_VISIBILITY_TIMEOUT ({self.celery_visibility_timeout}s) must exceed the hard "
+                f"task time limit plus RETRY_BACKOFF_MAX ({needed}s), or Redis would hand a running "
+                "task to a second worker"
             )
         return self
+
+    @property
+    def task_hard_time_limit(self) -> int:
+        """When a task is killed: the soft limit (which it may catch) plus a tenth."""
+        return self.task_soft_time_limit + max(5, self.task_soft_time_limit // 10)
 
     # -- derived values -------------------------------------------------------
 

@@ -36,6 +36,27 @@ def _configure_environment() -> None:
         os.environ["REDIS_URL"] = f"{head}/15" if last.isdigit() else f"{url}/15"
     os.environ.setdefault("CSV_DIR", str(ROOT / ".sentiment-test" / "csv"))
     os.environ["SUBREDDITS"] = os.environ.get("TEST_SUBREDDITS", "")
+    # The Reddit edge is the simulator, at a port fixed now so every process
+    # (this one, workers, beat) is configured alike.
+    from sentiment.reddit.simulator import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+    simulator_url = f"http://127.0.0.1:{_free_port()}"
+    os.environ.update(
+        REDDIT_CLIENT_ID=DEFAULT_CLIENT_ID, REDDIT_CLIENT_SECRET=DEFAULT_CLIENT_SECRET,
+        REDDIT_OAUTH_URL=simulator_url, REDDIT_URL=simulator_url,
+        REDDIT_USERNAME="", REDDIT_PASSWORD="",
+        # Short limits, so redelivery after a killed worker takes seconds, not an hour.
+        TASK_SOFT_TIME_LIMIT="20", RETRY_BACKOFF_MAX="2", CELERY_VISIBILITY_TIMEOUT="30",
+        TASK_MAX_RETRIES="60",
+    )  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 _configure_environment()
@@ -110,13 +131,63 @@ def db(engine):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def redis_client(settings: Settings):  # type: ignore[no-untyped-def]
-    """The test Redis, emptied."""
+    """The test Redis, with the pipeline's own keys removed.
+
+    Not FLUSHDB: that would also drop kombu's queue bindings under a running worker.
+    """
     import redis
 
     client = redis.Redis.from_url(settings.redis_connection_url())
-    client.flushdb()
+    for key in client.scan_iter("sentiment:*", count=1000):
+        client.delete(key)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def simulator(settings: Settings):  # type: ignore[no-untyped-def]
+    """The Reddit simulator, serving at REDDIT_OAUTH_URL, without a rate limit."""
+    from urllib.parse import urlsplit
+
+    from sentiment.reddit.simulator import Simulator, SimulatorThread
+
+    sim = Simulator(seed=7, requests_per_window=None)
+    port = urlsplit(settings.reddit_oauth_url).port
+    with SimulatorThread(sim, port=port):
+        yield sim
+
+
+@pytest.fixture
+def csv_dir(settings: Settings) -> Path:
+    import shutil
+
+    shutil.rmtree(settings.csv_dir, ignore_errors=True)
+    settings.csv_dir.mkdir(parents=True, exist_ok=True)
+    return settings.csv_dir
+
+
+@pytest.fixture
+def worker_factory(settings: Settings, simulator):  # type: ignore[no-untyped-def]
+    """Start real `celery -A sentiment worker` processes; all are stopped afterwards."""
+    from tests.processes import CeleryWorker
+
+    workers: list[CeleryWorker] = []
+
+    def start(**kwargs):  # type: ignore[no-untyped-def]
+        worker = CeleryWorker(**kwargs)
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def worker(worker_factory, db, redis_client, csv_dir):  # type: ignore[no-untyped-def]
+    """One running worker, on empty tables, Redis keys and CSV folder."""
+    return worker_factory()
 
 
 @pytest.fixture(scope="session")

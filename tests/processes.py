@@ -1,0 +1,83 @@
+"""Real Celery processes for tests: started as a user would, stopped (or killed) for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = ROOT / ".sentiment-test" / "logs"
+
+
+class CeleryProcess:
+    """A `celery -A sentiment …` child in its own process group, logging to a file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.log = LOGS / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "sentiment", *self.args],
+                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the main process and its pool children."""
+        if self.process is not None and self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is None or not self.alive():
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class CeleryWorker(CeleryProcess):
+    """`celery -A sentiment worker`, ready once it answers a ping."""
+
+    def __init__(self, concurrency: int = 2, env: dict[str, str] | None = None) -> None:
+        self.hostname = f"test-{uuid.uuid4().hex[:6]}@localhost"
+        super().__init__(
+            self.hostname.split("@")[0],
+            [
+                "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
+                "-Q", "scrape,ingest,export", "--hostname", self.hostname,
+                "--without-mingle", "--without-gossip",
+            ],
+            env,
+        )  # fmt: skip
+
+    def start(self, timeout: float = 60) -> None:
+        super().start()
+        from sentiment.celery_app import app
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"worker exited at start-up:\n{self.output()[-3000:]}")
+            if app.control.ping(destination=[self.hostname], timeout=0.5):
+                return
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.output()[-3000:]}")

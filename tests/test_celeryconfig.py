@@ -1,0 +1,31 @@
+"""Celery configuration: routing and reliability settings as intended."""
+
+from __future__ import annotations
+
+from sentiment.celery_app import app
+from sentiment.tasks import export_csv, insert_batch, keep_partitions, mark_processed, scrape
+
+
+def test_each_task_lands_in_its_own_queue():
+    router = app.amqp.router
+    routes = {
+        task.name: router.route({}, task.name, args=(), kwargs={})["queue"]
+        for task in (scrape, insert_batch, export_csv, mark_processed, keep_partitions)
+    }
+    assert {name: (q.name, q.routing_key, q.exchange.name) for name, q in routes.items()} == {
+        "sentiment.tasks.scrape": ("scrape", "scrape", "scrape"),
+        "sentiment.tasks.insert_batch": ("ingest", "ingest", "ingest"),
+        "sentiment.tasks.export_csv": ("export", "export", "export"),
+        "sentiment.tasks.mark_processed": ("ingest", "ingest", "ingest"),
+        "sentiment.tasks.keep_partitions": ("ingest", "ingest", "ingest"),
+    }
+
+
+def test_a_crashed_worker_loses_no_task():
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_connection_retry_on_startup is True
+    visibility = conf.broker_transport_options["visibility_timeout"]
+    assert visibility > conf.task_time_limit > conf.task_soft_time_limit

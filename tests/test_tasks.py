@@ -1,0 +1,198 @@
+"""The Celery pipeline end to end: real worker processes, Redis, PostgreSQL, simulator.
+
+The failure tests do to the system what production will: SIGKILL a worker in
+the middle of an insert, stop PostgreSQL for 20 seconds, restart Redis.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from celery import chain
+from sqlalchemy import text
+
+from sentiment import pipeline
+from sentiment.tasks import export_csv, insert_batch, mark_processed, scrape
+from tests.factories import make_events
+from tests.processes import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _unique_subreddit(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def _csv_ids(csv_dir: Path) -> list[str]:
+    ids = []
+    for path in sorted(csv_dir.rglob("*.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        assert rows[0][0] == "id"
+        ids += [row[0] for row in rows[1:]]
+    return ids
+
+
+def _stored_ids(engine, subreddit: str | None = None) -> list[str]:
+    query = "SELECT id FROM raw_events" + (" WHERE source_id = :s" if subreddit else "")
+    with engine.connect() as conn:
+        return list(conn.execute(text(query), {"s": subreddit}).scalars())
+
+
+def test_scrape_runs_the_whole_chain_and_returns_its_summary(worker, simulator, db, csv_dir):
+    name = _unique_subreddit("chain")
+    simulator.add_subreddit(name, submissions=150, comments=320)
+
+    summary = scrape.delay(name).get(timeout=90)
+
+    assert summary["subreddit"] == name
+    assert summary["fetched"] == summary["inserted"] == summary["exported"] == 470
+    assert summary["gaps"] == 0
+    assert summary["seconds"] > 0
+    assert sorted(_stored_ids(db, name)) == sorted(_csv_ids(csv_dir))
+
+    simulator.add_items(name, submissions=7, comments=11)
+    again = scrape.delay(name).get(timeout=90)
+
+    assert again["fetched"] == again["inserted"] == again["exported"] == 18
+    assert again["requests"] == 2  # one page of each kind: incremental
+    assert len(_stored_ids(db, name)) == len(_csv_ids(csv_dir)) == 488
+
+
+def test_scrape_delay_from_a_python_shell(worker, simulator):
+    name = _unique_subreddit("shell")
+    simulator.add_subreddit(name, submissions=5, comments=5)
+    code = f"from sentiment.tasks import scrape; print(scrape.delay({name!r}).get(timeout=60))"
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert f"'subreddit': '{name}'" in result.stdout
+    assert "'inserted': 10" in result.stdout
+
+
+def test_an_overlapping_scrape_is_refused(worker, simulator):
+    name = _unique_subreddit("overlap")
+    simulator.add_subreddit(name, submissions=3)
+    token = pipeline.acquire_scrape_lock(name, ttl_s=60)  # another scrape is running
+
+    result = scrape.delay(name).get(timeout=30)
+
+    assert result == {"subreddit": name, "skipped": f"another scrape of r/{name} is in progress"}
+    pipeline.release_scrape_lock(name, token)
+    assert scrape.delay(name).get(timeout=60)["inserted"] == 3
+
+
+def test_a_private_subreddit_fails_clearly_and_is_backed_off(worker, simulator):
+    name = _unique_subreddit("private")
+    simulator.add_subreddit(name, kind="private", submissions=3)
+
+    with pytest.raises(Exception, match=f"r/{name} is private") as caught:
+        scrape.delay(name).get(timeout=30)
+    assert type(caught.value).__name__ == "SubredditUnavailable"
+
+    skipped = scrape.delay(name).get(timeout=30)
+    assert skipped["skipped"].startswith(f"r/{name} is marked failing")
+
+
+def test_mark_processed_through_the_task(worker, db):
+    events = make_events(5)
+    from sentiment.sinks.postgres import insert_batch as store
+
+    store(events)
+    keys = [[e.id, e.occurred_at.isoformat()] for e in events[:3]] + ["missing1"]
+
+    assert mark_processed.delay(keys).get(timeout=30) == {
+        "updated": 3, "already_processed": 0, "unknown": 1,
+    }  # fmt: skip
+
+
+def _big_batch(count: int) -> dict:
+    events = make_events(count)
+    ref = pipeline.stash_batch(events)
+    return {
+        "subreddit": "wallstreetbets", "fetched": count, "batch": ref, "batch_id": uuid.uuid4().hex,
+        "watermarks": {}, "lock": None, "started_at": time.time(), "gaps": 0, "malformed": 0,
+        "requests": 0,
+    }  # fmt: skip
+
+
+def _wait_for_sink_activity(engine, timeout: float = 60) -> None:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sentiment-sink'"
+        " AND state = 'active' AND query NOT ILIKE '%pg_stat_activity%'"
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(query).scalar():
+                return
+        time.sleep(0.02)
+    raise AssertionError("the worker never started inserting")
+
+
+def test_a_worker_killed_mid_insert_loses_and_duplicates_nothing(worker_factory, db, redis_client, csv_dir):
+    batch = _big_batch(60_000)
+    first = worker_factory()
+    result = chain(insert_batch.s(batch), export_csv.s()).apply_async()
+
+    _wait_for_sink_activity(db)
+    first.kill()  # SIGKILL, main process and pool: no chance to clean up
+    partially = len(_stored_ids(db))
+    assert partially < 60_000, "the insert finished before the kill; make the batch bigger"
+
+    worker_factory()  # the message comes back once its visibility timeout passes
+    summary = result.get(timeout=180)
+
+    stored = _stored_ids(db)
+    assert len(stored) == len(set(stored)) == 60_000
+    written = _csv_ids(csv_dir)
+    assert len(written) == len(set(written)) == 60_000
+    assert summary["exported"] == 60_000
+
+
+def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(worker, simulator, db, csv_dir, settings):
+    if not settings.uses_embedded_postgres:
+        pytest.skip("needs the embedded PostgreSQL, which the test can stop")
+    from sentiment.embedded import embedded_postgres
+
+    server = embedded_postgres(settings, durable=False)
+    name = _unique_subreddit("pgdown")
+    simulator.add_subreddit(name, submissions=40, comments=60)
+    server.stop()
+    restart = threading.Timer(20, server.start)
+    restart.start()
+    try:
+        summary = scrape.delay(name).get(timeout=180)
+    finally:
+        restart.join()
+
+    assert summary["inserted"] == summary["exported"] == 100
+    stored = _stored_ids(db, name)
+    assert len(stored) == len(set(stored)) == 100
+    assert sorted(_csv_ids(csv_dir)) == sorted(stored)
+
+
+def test_redis_restarted_the_worker_reconnects_and_carries_on(worker, simulator, settings):
+    if not settings.uses_embedded_redis:
+        pytest.skip("needs the embedded Redis, which the test can restart")
+    from sentiment.embedded import embedded_redis
+
+    name = _unique_subreddit("redis")
+    simulator.add_subreddit(name, submissions=4, comments=4)
+    server = embedded_redis(settings)
+    server.stop()
+    time.sleep(3)
+    server.start()
+
+    assert scrape.delay(name).get(timeout=120)["inserted"] == 8
+    assert worker.alive()
