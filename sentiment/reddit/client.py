@@ -54,6 +54,10 @@ class CountingRequestor(asyncprawcore.Requestor):
                     # Correct the shared window before the caller reads the body:
                     # the sooner other processes learn of a 429, the better.
                     await self.limiter.observe(headers, status=status)
+                if 400 <= status < 500:
+                    # asyncprawcore raises on these after the response is released;
+                    # reading now keeps the body (Reddit's "reason") for the error.
+                    await response.read()
                 yield response
         except BaseException:
             if self.limiter is not None and headers is None:
