@@ -81,3 +81,43 @@ class CeleryWorker(CeleryProcess):
             if app.control.ping(destination=[self.hostname], timeout=0.5):
                 return
         raise RuntimeError(f"worker not ready after {timeout}s:\n{self.output()[-3000:]}")
+
+
+def scrape_loop(env: dict[str, str], subreddits: list[str], start_at: float, deadline: float) -> int:
+    """Scrape `subreddits` round-robin from `start_at` until `deadline`, as one worker process.
+
+    Run in a spawned process: the environment is set before Settings is read.
+    Returns the requests this process sent.
+    """
+    os.environ.update(env)
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    from sentiment.config import get_settings
+    from sentiment.reddit.client import make_reddit
+    from sentiment.reddit.ratelimit import SharedRateLimiter
+    from sentiment.reddit.scraper import scrape_subreddit
+
+    async def run() -> int:
+        settings = get_settings()
+        limiter = SharedRateLimiter(
+            AsyncRedis.from_url(settings.redis_connection_url()), settings.reddit_client_id or "",
+            limit=settings.reddit_ratelimit_requests,
+            window_seconds=settings.reddit_ratelimit_window_seconds,
+        )  # fmt: skip
+        reddit = make_reddit(settings, limiter)
+        marks: dict[str, dict[str, str | None]] = {name: {} for name in subreddits}
+        try:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            index = 0
+            while time.time() < deadline:
+                name = subreddits[index % len(subreddits)]
+                index += 1
+                result = await scrape_subreddit(reddit, name, marks[name], depth=100)
+                marks[name].update(result.watermarks)
+            return int(reddit.requestor.requests_sent)
+        finally:
+            await reddit.close()
+
+    return asyncio.run(run())

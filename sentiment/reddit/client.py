@@ -31,6 +31,9 @@ from sentiment.reddit.ratelimit import SharedRateLimiter
 __all__ = ["CountingRequestor", "make_reddit", "make_sync_reddit", "translate_error"]
 
 
+_TOKEN_PATH = "/api/v1/access_token"
+
+
 class CountingRequestor(asyncprawcore.Requestor):
     """An asyncprawcore Requestor that obeys the shared limiter and counts requests."""
 
@@ -41,9 +44,17 @@ class CountingRequestor(asyncprawcore.Requestor):
 
     @asynccontextmanager
     async def request(self, *args: Any, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        url = str(args[1] if len(args) > 1 else kwargs.get("url", ""))
+        if url.endswith(_TOKEN_PATH):  # Reddit does not count token requests against the budget
+            async with super().request(*args, **kwargs) as response:
+                yield response
+            return
         if self.limiter is not None:
             await self.limiter.acquire()
         self.requests_sent += 1
+        # asyncprawcore always passes its import-time default (16 s, PRAWCORE_TIMEOUT)
+        # and ignores asyncpraw's `timeout` setting; ours is the one that counts.
+        kwargs["timeout"] = self.timeout
         headers: dict[str, str] | None = None
         status = 0
         try:
@@ -91,7 +102,9 @@ def make_reddit(settings: Settings, limiter: SharedRateLimiter | None) -> asyncp
     """An asyncpraw client: application-only OAuth, or the password grant when a user is set."""
     config = _common_config(settings)
     return asyncpraw.Reddit(
-        requestor_class=CountingRequestor, requestor_kwargs={"limiter": limiter}, **config
+        requestor_class=CountingRequestor,
+        requestor_kwargs={"limiter": limiter, "timeout": settings.reddit_timeout_seconds},
+        **config,
     )
 
 

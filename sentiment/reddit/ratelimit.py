@@ -48,6 +48,7 @@ if now < paused_until then
 end
 if window_end == nil or now >= window_end then
   window_end, remaining, inflight = now + window, limit, 0
+  redis.call('HSET', key, 'aligned', '0')  -- a guess until a response says where Reddit is
 end
 if remaining <= 0 then
   redis.call('HSET', key, 'window_end', window_end, 'remaining', remaining, 'inflight', inflight)
@@ -65,27 +66,38 @@ local hdr_remaining, hdr_reset, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), t
 local limited = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local s = redis.call('HMGET', key, 'window_end', 'remaining', 'inflight')
-local window_end, remaining, inflight = tonumber(s[1]), tonumber(s[2]), tonumber(s[3]) or 0
-if inflight > 0 then inflight = inflight - 1 end
-redis.call('HSET', key, 'inflight', inflight)
+local s = redis.call('HMGET', key, 'window_end', 'remaining', 'inflight', 'aligned')
+local window_end, remaining = tonumber(s[1]), tonumber(s[2])
+local others = math.max(0, (tonumber(s[3]) or 0) - 1)  -- in flight besides this one
+local aligned = s[4] == '1'
+redis.call('HSET', key, 'inflight', others)
 if hdr_reset == nil then return 0 end
 local server_end = now + hdr_reset + margin
 if limited then
-  redis.call('HSET', key, 'window_end', server_end, 'remaining', 0, 'paused_until', server_end)
+  redis.call('HSET', key, 'window_end', server_end, 'remaining', 0, 'paused_until', server_end,
+             'aligned', '1')
   redis.call('HINCRBY', key, 'limited', 1)
   return 1
 end
 if hdr_remaining == nil then return 0 end
-if window_end ~= nil and server_end < window_end - margin - 1 then
+if aligned and window_end ~= nil and server_end < window_end - margin - 1 then
   return 0  -- a response from a window that has already closed
 end
-local allowed = hdr_remaining - inflight
-if window_end ~= nil and server_end <= window_end + margin + 1 and remaining ~= nil then
-  allowed = math.min(allowed, remaining)  -- same window: never raise what we granted
+local allowed
+if aligned and remaining ~= nil and math.abs(server_end - window_end) <= margin + 1 then
+  -- Same window. Our count already includes every grant, in flight or not;
+  -- the server seeing fewer left means someone outside this limiter spent
+  -- budget: then trust it, minus what we still have in flight.
+  allowed = remaining
+  if hdr_remaining < remaining then allowed = math.max(0, hdr_remaining - others) end
+else
+  -- Our window was a guess (or the server is already in a later one).
+  allowed = math.max(0, hdr_remaining - others)
+  if remaining ~= nil and not (server_end > window_end + margin + 1) then
+    allowed = math.min(allowed, remaining)
+  end
 end
-if allowed < 0 then allowed = 0 end
-redis.call('HSET', key, 'window_end', server_end, 'remaining', allowed)
+redis.call('HSET', key, 'window_end', server_end, 'remaining', allowed, 'aligned', '1')
 return 1
 """
 

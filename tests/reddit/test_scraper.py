@@ -124,9 +124,11 @@ def test_5xx_and_timeouts_are_retried(settings, simulator, redis_client):
     simulator.inject_fault("delay", delay=3.0, count=1, subreddit=name)
     quick = settings.model_copy(update={"reddit_timeout_seconds": 1.0})
 
-    result, _ = scrape(quick, name)
+    result, requests = scrape(quick, name)
 
     assert len(result.events) == 10
+    # 4 answered 503, 1 timed out after 1 s, then one page of each kind.
+    assert requests == 7
 
 
 def test_a_dropped_connection_is_retried(settings, simulator, redis_client):

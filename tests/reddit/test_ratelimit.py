@@ -1,0 +1,103 @@
+"""One rate limiter shared by every process, against a server that enforces its budget."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import time
+
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+
+from sentiment.reddit.ratelimit import SharedRateLimiter
+from sentiment.reddit.simulator import Simulator, SimulatorThread
+from tests.processes import scrape_loop
+
+pytestmark = pytest.mark.slow
+
+BUDGET, WINDOW = 20, 5  # Reddit's is 100 a minute; same mechanics, a quicker test
+
+
+def test_four_processes_twenty_subreddits_no_429_and_the_budget_used(settings, redis_client):
+    sim = Simulator(seed=3, requests_per_window=BUDGET, window_seconds=WINDOW)
+    sim.add_client("limiter-test", "limiter-secret")
+    names = [f"busy_{i:02d}" for i in range(20)]
+    for name in names:
+        sim.add_subreddit(name, submissions=50, comments=50)
+    sim.start_growth(2.0, 4.0)  # always work to do
+    with SimulatorThread(sim) as url:
+        env = {
+            "REDDIT_CLIENT_ID": "limiter-test", "REDDIT_CLIENT_SECRET": "limiter-secret",
+            "REDDIT_OAUTH_URL": url, "REDDIT_URL": url,
+            "REDDIT_RATELIMIT_REQUESTS": str(BUDGET), "REDDIT_RATELIMIT_WINDOW_SECONDS": str(WINDOW),
+        }  # fmt: skip
+        # Start on a window boundary, far enough ahead for the processes to load.
+        start = (math.floor(time.time() / WINDOW) + 2) * WINDOW
+        windows = 4
+        deadline = start + windows * WINDOW
+        slices = [names[i::4] for i in range(4)]
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(4) as pool:
+            pending = pool.starmap_async(scrape_loop, [(env, s, start, deadline) for s in slices])
+            time.sleep(max(0.0, start - time.time()))
+            before = _api_requests(sim)
+            time.sleep(max(0.0, deadline - time.time()))
+            during = _api_requests(sim) - before
+            sent = pending.get(timeout=60)
+
+    assert sim.stats.rate_limited == 0
+    assert all(n > 0 for n in sent), "every process got requests through"
+    used = during / (BUDGET * windows)
+    assert used >= 0.9, f"only {during} of {BUDGET * windows} requests used ({used:.0%})"
+
+
+def _api_requests(sim: Simulator) -> int:
+    return sum(n for endpoint, n in sim.stats.requests.items() if "access_token" not in endpoint)
+
+
+def test_a_429_pauses_every_process_until_the_reset(settings, redis_client):
+    async def run() -> tuple[float, float]:
+        redis = AsyncRedis.from_url(settings.redis_connection_url())
+        one = SharedRateLimiter(redis, "pause-test", limit=100, window_seconds=60)
+        other = SharedRateLimiter(redis, "pause-test", limit=100, window_seconds=60)
+        await one.acquire()
+        await one.observe({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1"}, status=429)
+        began = time.monotonic()
+        await other.acquire()  # another process: must wait for the reset (1 s + margin)
+        waited = time.monotonic() - began
+        state = await other.state()
+        await redis.aclose()
+        return waited, state.limited
+
+    waited, limited = asyncio.run(run())
+    assert 1.5 <= waited <= 4
+    assert limited == 1
+
+
+def test_the_server_can_only_lower_what_is_left(settings, redis_client):
+    async def run() -> list[int | None]:
+        redis = AsyncRedis.from_url(settings.redis_connection_url())
+        limiter = SharedRateLimiter(redis, "lower-test", limit=100, window_seconds=60)
+        seen = []
+        await limiter.acquire()
+        await limiter.observe({"x-ratelimit-remaining": "40.0", "x-ratelimit-reset": "30"}, status=200)
+        seen.append((await limiter.state()).remaining)
+        await limiter.acquire()
+        await limiter.observe({"x-ratelimit-remaining": "90.0", "x-ratelimit-reset": "29"}, status=200)
+        seen.append((await limiter.state()).remaining)
+        await redis.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [40, 39]
+
+
+def test_the_client_id_never_reaches_redis(settings, redis_client):
+    async def touch() -> None:
+        redis = AsyncRedis.from_url(settings.redis_connection_url())
+        await SharedRateLimiter(redis, "my-client-id", limit=5, window_seconds=5).acquire()
+        await redis.aclose()
+
+    asyncio.run(touch())
+    assert not list(redis_client.scan_iter("*my-client-id*"))
+    assert list(redis_client.scan_iter("sentiment:reddit:ratelimit:*"))
