@@ -196,3 +196,40 @@ def test_redis_restarted_the_worker_reconnects_and_carries_on(worker, simulator,
 
     assert scrape.delay(name).get(timeout=120)["inserted"] == 8
     assert worker.alive()
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_beat_scrapes_each_subreddit_on_its_schedule(worker, simulator, db, csv_dir, tmp_path):
+    from tests.processes import CeleryProcess
+
+    names = [_unique_subreddit("beat") for _ in range(2)]
+    for name in names:
+        simulator.add_subreddit(name, submissions=10, comments=10)
+    env = {"SUBREDDITS": ",".join(f"{n}:10" for n in names)}
+    beat = CeleryProcess("beat", ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "one")], env)
+    beat.start()
+    try:
+        _wait_until(
+            lambda: all(len(_stored_ids(db, n)) == 20 for n in names), 60, "beat's scrapes to land"
+        )
+        _wait_until(lambda: len(_csv_ids(csv_dir)) == 40, 30, "the CSV export")
+        simulator.add_items(names[0], submissions=3)
+        _wait_until(lambda: len(_stored_ids(db, names[0])) == 23, 30, "the next scheduled scrape")
+
+        second = CeleryProcess("beat2", ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "two")], env)
+        second.start()
+        assert second.process is not None
+        assert second.process.wait(timeout=30) != 0
+        assert "another celery beat" in second.output()
+        assert beat.alive()
+    finally:
+        beat.stop()
+    assert sorted(_csv_ids(csv_dir)) == sorted(_stored_ids(db))
