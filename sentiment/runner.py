@@ -69,6 +69,7 @@ class Runner:
                 "--hostname", "worker@%h",
             ], env)  # fmt: skip
             self._spawn("beat", ["-A", "sentiment", "beat", "--loglevel", "INFO"], env)
+            self._kick_off(env)
             self._spawn("flower", [
                 "-A", "sentiment", "flower", "--address=127.0.0.1", f"--port={self.flower_port}",
             ], env)  # fmt: skip
@@ -114,6 +115,16 @@ class Runner:
             )  # fmt: skip
         self.children.append(_Child(name, process, log))
 
+    def _kick_off(self, env: dict[str, str]) -> None:
+        """Scrape every subreddit now; beat's first tick comes only one interval later."""
+        subprocess.run(
+            [sys.executable, "-c", (
+                "import os; from sentiment.tasks import scrape\n"
+                "for s in os.environ['SUBREDDITS'].split(','): scrape.delay(s.split(':')[0])"
+            )],
+            env=env, check=True, timeout=60,
+        )  # fmt: skip
+
     def _wait_for_port(self, port: int, timeout: float = 20) -> None:
         import socket
 
@@ -138,6 +149,10 @@ class Runner:
 
         deadline = time.monotonic() + duration if duration else None
         names = [s.split(":")[0].lower() for s in env["SUBREDDITS"].split(",")]
+        # What the children see (the simulator's client id, for the limiter's key).
+        seen_by_children = self.settings.model_copy(
+            update={"reddit_client_id": env.get("REDDIT_CLIENT_ID", self.settings.reddit_client_id)}
+        )
         with Live(console=self.console, refresh_per_second=1, transient=False) as live:
             while deadline is None or time.monotonic() < deadline:
                 for child in self.children:
@@ -145,7 +160,7 @@ class Runner:
                         raise RuntimeError(
                             f"{child.name} exited with {child.process.returncode}; see {child.log}"
                         )
-                live.update(status_table(collect_status(self.settings, names)))
+                live.update(status_table(collect_status(seen_by_children, names)))
                 time.sleep(2)
 
     def _stop_children(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,19 @@ def test_a_bad_setting_stops_a_process_at_start_up_with_the_message(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "SUBREDDITS: 'not a name' is not a valid subreddit name" in result.stderr
+
+
+def test_env_example_documents_every_setting_and_loads(tmp_path, monkeypatch):
+    from sentiment.config import Settings
+
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    missing = [name.upper() for name in Settings.model_fields if f"\n{name.upper()}=" not in example]
+    assert missing == []
+
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    (tmp_path / ".env").write_text(example)
+    monkeypatch.chdir(tmp_path)
+    loaded = load_settings()
+    assert [s.name for s in loaded.subreddits] == ["wallstreetbets", "stocks", "investing"]
+    assert loaded.uses_embedded_postgres and loaded.uses_embedded_redis
