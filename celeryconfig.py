@@ -6,7 +6,7 @@ Every reliability choice is here, with its reason.
 
 from __future__ import annotations
 
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from sentiment.config import get_settings
 from sentiment.schedule import build_beat_schedule
@@ -55,7 +55,10 @@ task_time_limit = _settings.task_hard_time_limit
 # Queues, so each stage scales on its own: `celery -A sentiment worker -Q scrape`.
 # Each queue has its own direct exchange and key: a bare Queue(name) would
 # inherit the default queue's routing key and silently receive nothing.
-task_queues = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("scrape", "ingest", "export"))
+task_queues = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name)
+    for name in ("scrape", "ingest", "export")
+)
 task_default_queue = "ingest"
 task_routes = {
     "sentiment.tasks.scrape": {"queue": "scrape"},

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from alembic import context
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection
 
+from alembic import context
 from sentiment.config import get_settings
 from sentiment.models import Base
 
@@ -24,7 +24,9 @@ def _partition_names(connection: Connection) -> set[str]:
 
 
 def _make_filter(partitions: set[str]) -> Any:
-    def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    def include_object(
+        obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+    ) -> bool:
         if type_ == "table" and reflected and compare_to is None:
             # Partitions and TimescaleDB's own tables are not ours to compare.
             return name not in partitions and name != "alembic_version"

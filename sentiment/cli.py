@@ -1,12 +1,12 @@
 """`sentiment …`: run the pipeline, look at it, and poke it.
 
-    sentiment run [--duration S]   everything: servers, migrations, worker, beat, Flower
-    sentiment status               queues, last scrapes, row counts, backlog, health
-    sentiment scrape SUBREDDIT     enqueue one scrape, wait, print its summary
-    sentiment migrate [--check]    alembic upgrade head (or: do models and migrations agree?)
-    sentiment services start|stop  the embedded PostgreSQL and Redis
-    sentiment simulator            the Reddit-compatible simulator, on 127.0.0.1
-    sentiment reddit check         are the credentials good, is each subreddit readable?
+sentiment run [--duration S]   everything: servers, migrations, worker, beat, Flower
+sentiment status               queues, last scrapes, row counts, backlog, health
+sentiment scrape SUBREDDIT     enqueue one scrape, wait, print its summary
+sentiment migrate [--check]    alembic upgrade head (or: do models and migrations agree?)
+sentiment services start|stop  the embedded PostgreSQL and Redis
+sentiment simulator            the Reddit-compatible simulator, on 127.0.0.1
+sentiment reddit check         are the credentials good, is each subreddit readable?
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def _check_settings() -> None:
 
 @app.command()
 def run(
-    duration: Annotated[float | None, typer.Option(help="stop by itself after this many seconds")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="stop by itself after this many seconds")
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
     flower_port: Annotated[int, typer.Option(help="Flower on 127.0.0.1:PORT")] = 5555,
     simulator_port: Annotated[int, typer.Option(help="simulator port, when it runs")] = 8765,
@@ -61,9 +63,12 @@ def run(
 
     try:
         Runner(
-            get_settings(), concurrency=concurrency, flower_port=flower_port,
-            simulator_port=simulator_port, console=console,
-        ).run(duration)  # fmt: skip
+            get_settings(),
+            concurrency=concurrency,
+            flower_port=flower_port,
+            simulator_port=simulator_port,
+            console=console,
+        ).run(duration)
     except (SentimentError, RuntimeError) as exc:
         _fail(str(exc))
 
@@ -104,11 +109,13 @@ def scrape(
 
 
 @app.command()
-def migrate(check: Annotated[bool, typer.Option(help="only check models against migrations")] = False) -> None:
+def migrate(
+    check: Annotated[bool, typer.Option(help="only check models against migrations")] = False,
+) -> None:
     """Apply migrations (alembic upgrade head), starting embedded servers if needed."""
-    from alembic import command
     from alembic.config import Config
 
+    from alembic import command
     from sentiment.embedded import ensure_services
 
     settings = get_settings()
@@ -128,8 +135,11 @@ def services_start() -> None:
 
     settings = get_settings()
     started = ensure_services(settings)
-    console.print(f"running: {settings.safe_summary()['postgres']}, redis {settings.safe_summary()['redis']}"
-                  f" (started now: {', '.join(started) or 'none'})")  # fmt: skip
+    where = settings.safe_summary()
+    console.print(
+        f"running: postgres {where['postgres']}, redis {where['redis']}"
+        f" (started now: {', '.join(started) or 'none'})"
+    )
 
 
 @services_app.command("stop")
@@ -146,9 +156,13 @@ def simulator(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
     subreddits: Annotated[str, typer.Option(help="comma-separated subreddits to serve")] = "",
     growth: Annotated[float, typer.Option(help="new items per second per subreddit")] = 2.0,
-    rpm: Annotated[int | None, typer.Option(help="requests per minute per client (none: unlimited)")] = 100,
+    rpm: Annotated[
+        int | None, typer.Option(help="requests per minute per client (none: unlimited)")
+    ] = 100,
     client_id: Annotated[str, typer.Option(help="OAuth client id it accepts")] = "simulator",
-    client_secret: Annotated[str, typer.Option(help="OAuth client secret it accepts")] = "simulator",
+    client_secret: Annotated[
+        str, typer.Option(help="OAuth client secret it accepts")
+    ] = "simulator",
 ) -> None:
     """Serve the Reddit-compatible simulator until Ctrl-C."""
     from sentiment.reddit.simulator import run_simulator
@@ -157,9 +171,13 @@ def simulator(
         s.name for s in get_settings().subreddits
     ]
     run_simulator(
-        port=port, subreddits=names, growth=growth, rpm=rpm,
-        client_id=client_id, client_secret=client_secret,
-    )  # fmt: skip
+        port=port,
+        subreddits=names,
+        growth=growth,
+        rpm=rpm,
+        client_id=client_id,
+        client_secret=client_secret,
+    )
 
 
 @reddit_app.command("check")
@@ -176,7 +194,10 @@ def reddit_check() -> None:
     try:
         reddit.subreddit("announcements").id  # noqa: B018 - forces a token and one request
     except (prawcore.OAuthException, prawcore.ResponseException) as exc:
-        _fail(f"Reddit refused the credentials ({exc}): check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET")
+        _fail(
+            f"Reddit refused the credentials ({exc}): "
+            "check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET"
+        )
     for sub in settings.subreddits:
         try:
             about = reddit.subreddit(sub.name)

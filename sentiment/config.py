@@ -158,7 +158,9 @@ class Settings(BaseSettings):
             return None
         scheme = urlsplit(value.get_secret_value()).scheme
         if scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("must be a redis:// or rediss:// URL, e.g. redis://:password@localhost:6379/0")
+            raise ValueError(
+                "must be a redis:// or rediss:// URL, e.g. redis://:password@localhost:6379/0"
+            )
         return value
 
     @field_validator("reddit_oauth_url", "reddit_url")
@@ -184,9 +186,9 @@ class Settings(BaseSettings):
         needed = self.task_hard_time_limit + self.retry_backoff_max
         if self.celery_visibility_timeout <= needed:
             raise ValueError(
-                f"CELERY_VISIBILITY_TIMEOUT ({self.celery_visibility_timeout}s) must exceed the hard "
-                f"task time limit plus RETRY_BACKOFF_MAX ({needed}s), or Redis would hand a running "
-                "task to a second worker"
+                f"CELERY_VISIBILITY_TIMEOUT ({self.celery_visibility_timeout}s) must exceed "
+                f"the hard task time limit plus RETRY_BACKOFF_MAX ({needed}s), or Redis would "
+                "hand a running task to a second worker"
             )
         return self
 
@@ -212,10 +214,16 @@ class Settings(BaseSettings):
     def database_url(self, driver: str = "psycopg2") -> str:
         """SQLAlchemy URL. Contains the password: never log it."""
         host, port = (
-            ("127.0.0.1", self.embedded_pg_port) if self.pg_host is None else (self.pg_host, self.pg_port)
+            ("127.0.0.1", self.embedded_pg_port)
+            if self.pg_host is None
+            else (self.pg_host, self.pg_port)
         )
         password = quote(self.pg_password.get_secret_value(), safe="")
-        auth = f"{quote(self.pg_user, safe='')}:{password}" if password else quote(self.pg_user, safe="")
+        auth = (
+            f"{quote(self.pg_user, safe='')}:{password}"
+            if password
+            else quote(self.pg_user, safe="")
+        )
         return f"postgresql+{driver}://{auth}@{host}:{port}/{self.pg_db}"
 
     def redis_connection_url(self) -> str:

@@ -12,7 +12,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sentiment.config import Settings, get_settings
-from sentiment.errors import ServiceUnavailable
 
 __all__ = ["database_unavailable", "get_engine", "make_engine", "session_scope"]
 

@@ -44,7 +44,7 @@ def _clean_str(value: str) -> str:
     return value
 
 
-def _clean_value(value: Any) -> Any:
+def _clean_value(value: Any) -> Any:  # noqa: PLR0911 - one return per JSON type reads best
     if isinstance(value, str):
         return _clean_str(value)
     if isinstance(value, dict):

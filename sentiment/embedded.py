@@ -83,10 +83,9 @@ class EmbeddedPostgres:
     def logfile(self) -> Path:
         return self.pgdata / "server.log"
 
-    def _run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
-        if _running_as_root():
-            kwargs["user"] = _PG_SYSTEM_USER
+    def _run(
+        self, program: str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(_pg_bin_dir() / program), *args],
             check=check,
@@ -94,7 +93,7 @@ class EmbeddedPostgres:
             text=True,
             timeout=120,
             cwd="/",
-            **kwargs,  # type: ignore[arg-type]
+            user=_PG_SYSTEM_USER if _running_as_root() else None,
         )
 
     def _prepare_permissions(self) -> None:
@@ -137,9 +136,15 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             log.info("initialising embedded PostgreSQL in %s", self.pgdata)
             self._run(
-                "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--locale=C",
-            )  # fmt: skip
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            )
         if not self.is_running():
             options = [
                 "-h 127.0.0.1",
@@ -148,15 +153,32 @@ class EmbeddedPostgres:
                 "-c max_connections=200",
             ]
             if self._has_timescaledb():
-                options += ["-c shared_preload_libraries=timescaledb", "-c timescaledb.telemetry_level=off"]
+                options += [
+                    "-c shared_preload_libraries=timescaledb",
+                    "-c timescaledb.telemetry_level=off",
+                ]
             if not self.durable:
                 options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
             result = self._run(
-                "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata),
-                "-l", str(self.logfile), "-o", " ".join(options), check=False,
-            )  # fmt: skip
+                "pg_ctl",
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.logfile),
+                "-o",
+                " ".join(options),
+                check=False,
+            )
             if result.returncode != 0:
-                tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+                tail = (
+                    self.logfile.read_text(errors="replace")[-2000:]
+                    if self.logfile.exists()
+                    else ""
+                )
                 raise RuntimeError(
                     f"embedded PostgreSQL failed to start on port {self.port} "
                     f"(is the port taken? set EMBEDDED_PG_PORT):\n{result.stderr}\n{tail}"
@@ -169,7 +191,9 @@ class EmbeddedPostgres:
         return any(Path(libdir).glob("timescaledb*.so"))
 
     def _ensure_role_and_database(self) -> None:
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres"
+        )
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -224,15 +248,30 @@ class EmbeddedRedis:
         subprocess.run(
             [
                 str(_redis_server_binary()),
-                "--bind", "127.0.0.1", "--port", str(self.port),
-                "--daemonize", "yes", "--pidfile", str(self.pidfile),
-                "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                "--protected-mode", "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.pidfile),
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
             ],
             check=True,
             timeout=30,
-        )  # fmt: skip
+        )
         _wait_for(self.is_running, f"Redis on 127.0.0.1:{self.port}")
 
     def stop(self) -> None:

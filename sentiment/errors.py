@@ -81,4 +81,3 @@ class RedditAuthError(RedditError):
 
 class SubredditUnavailable(RedditError):
     """The subreddit is private, quarantined, banned or does not exist (403/404)."""
-

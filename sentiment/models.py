@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, MetaData, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -21,15 +21,13 @@ NAMING_CONVENTION = {
 }
 
 utc_timestamp = Annotated[datetime, mapped_column(DateTime(timezone=True))]
-utc_now = Annotated[
-    datetime, mapped_column(DateTime(timezone=True), server_default=text("now()"))
-]
+utc_now = Annotated[datetime, mapped_column(DateTime(timezone=True), server_default=text("now()"))]
 false_default = Annotated[bool, mapped_column(Boolean, server_default=text("false"))]
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSONB}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONB}
 
 
 class RawEvent(Base):

@@ -35,9 +35,9 @@ from sentiment.reddit.scraper import KINDS, ScrapeResult, scrape_subreddit
 from sentiment.reddit.watermarks import Watermarks
 
 try:  # Python 3.14 has it in the standard library
-    from compression import zstd  # type: ignore[import-not-found]
+    from compression import zstd
 except ImportError:  # pragma: no cover - depends on the Python version
-    from backports import zstd  # type: ignore[no-redef]
+    from backports import zstd
 
 __all__ = [
     "BatchExpired",
@@ -116,9 +116,12 @@ def fetch(subreddit: str) -> ScrapeResult:
     runtime = _runtime(settings)
     return runtime.loop.run_until_complete(
         scrape_subreddit(
-            runtime.reddit, subreddit, marks,
-            depth=settings.scrape_backfill_depth, attempts=settings.reddit_max_attempts,
-        )  # fmt: skip
+            runtime.reddit,
+            subreddit,
+            marks,
+            depth=settings.scrape_backfill_depth,
+            attempts=settings.reddit_max_attempts,
+        )
     )
 
 
@@ -173,9 +176,13 @@ def release_scrape_lock(subreddit: str, token: str | None) -> None:
         get_redis().eval(_RELEASE, 1, _lock_key(subreddit), token)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def failing_reason(subreddit: str) -> str | None:
     value = get_redis().get(f"sentiment:failing:{subreddit}")
-    return value.decode() if value else None
+    return _text(value) if value else None
 
 
 def mark_failing(subreddit: str, reason: str) -> int:
@@ -183,7 +190,7 @@ def mark_failing(subreddit: str, reason: str) -> int:
     client = get_redis()
     failures = int(client.incr(f"sentiment:failures:{subreddit}"))
     client.expire(f"sentiment:failures:{subreddit}", _FAILING_MAX_S * 4)
-    seconds = min(_FAILING_MAX_S, _FAILING_BASE_S * 2 ** (failures - 1))
+    seconds = int(min(_FAILING_MAX_S, _FAILING_BASE_S * 2 ** (failures - 1)))
     client.set(f"sentiment:failing:{subreddit}", reason, ex=seconds)
     return seconds
 
@@ -192,9 +199,11 @@ def clear_failing(subreddit: str) -> None:
     get_redis().delete(f"sentiment:failures:{subreddit}", f"sentiment:failing:{subreddit}")
 
 
-def record_run(subreddit: str, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
+def record_run(
+    subreddit: str, summary: dict[str, Any] | None = None, error: str | None = None
+) -> None:
     """Remember the last run and the last error of a subreddit (for `sentiment status`)."""
-    fields: dict[str, str] = {"at": str(time.time())}
+    fields: dict[Any, str] = {"at": str(time.time())}
     if summary is not None:
         fields["summary"] = json.dumps(summary)
     if error is not None:
@@ -207,7 +216,9 @@ def last_runs(subreddits: list[str]) -> dict[str, dict[str, Any]]:
     client = get_redis()
     runs = {}
     for name in subreddits:
-        raw = {k.decode(): v.decode() for k, v in client.hgetall(f"sentiment:runs:{name}").items()}
+        raw: dict[str, Any] = {
+            _text(k): _text(v) for k, v in client.hgetall(f"sentiment:runs:{name}").items()
+        }
         if "summary" in raw:
             raw["summary"] = json.loads(raw["summary"])
         runs[name] = raw

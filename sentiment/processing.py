@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, text
 
 from sentiment.db import get_engine
 
-__all__ = ["ClaimedEvent", "MarkResult", "Claim", "claim_unprocessed", "mark_processed"]
+__all__ = ["Claim", "ClaimedEvent", "MarkResult", "claim_unprocessed", "mark_processed"]
 
 _CLAIM = text(
     """
@@ -145,7 +145,6 @@ def _split_keys(
             ids.append(key)
             times.append(None)
         else:
-            event_id, occurred_at = key
-            ids.append(str(event_id))
-            times.append(occurred_at)
+            ids.append(str(key[0]))
+            times.append(key[1])
     return ids, times

@@ -28,7 +28,7 @@ from sentiment.embedded import ensure_services, stop_services
 __all__ = ["DEMO_SUBREDDITS", "Runner"]
 
 DEMO_SUBREDDITS = "wallstreetbets:30,stocks:30,investing:60,cryptocurrency:30,personalfinance:60"
-_SIMULATOR_SECRET = "simulator-secret"  # the local simulator's, not a Reddit secret
+_SIMULATOR_SECRET = "simulator-secret"  # noqa: S105 - the local simulator's, not Reddit's
 
 
 @dataclass
@@ -57,22 +57,53 @@ class Runner:
         try:
             self._migrate(env)
             if not self.settings.has_reddit_credentials:
-                self._spawn("simulator", [
-                    "simulator", "--port", str(self.simulator_port),
-                    "--subreddits", ",".join(s.split(":")[0] for s in env["SUBREDDITS"].split(",")),
-                    "--client-id", "simulator", "--client-secret", _SIMULATOR_SECRET,
-                ], env, sentiment_cli=True)  # fmt: skip
+                self._spawn(
+                    "simulator",
+                    [
+                        "simulator",
+                        "--port",
+                        str(self.simulator_port),
+                        "--subreddits",
+                        ",".join(s.split(":")[0] for s in env["SUBREDDITS"].split(",")),
+                        "--client-id",
+                        "simulator",
+                        "--client-secret",
+                        _SIMULATOR_SECRET,
+                    ],
+                    env,
+                    sentiment_cli=True,
+                )
                 self._wait_for_port(self.simulator_port)
-            self._spawn("worker", [
-                "-A", "sentiment", "worker", "--loglevel", "INFO",
-                "--concurrency", str(self.concurrency), "-Q", "scrape,ingest,export",
-                "--hostname", "worker@%h",
-            ], env)  # fmt: skip
+            self._spawn(
+                "worker",
+                [
+                    "-A",
+                    "sentiment",
+                    "worker",
+                    "--loglevel",
+                    "INFO",
+                    "--concurrency",
+                    str(self.concurrency),
+                    "-Q",
+                    "scrape,ingest,export",
+                    "--hostname",
+                    "worker@%h",
+                ],
+                env,
+            )
             self._spawn("beat", ["-A", "sentiment", "beat", "--loglevel", "INFO"], env)
             self._kick_off(env)
-            self._spawn("flower", [
-                "-A", "sentiment", "flower", "--address=127.0.0.1", f"--port={self.flower_port}",
-            ], env)  # fmt: skip
+            self._spawn(
+                "flower",
+                [
+                    "-A",
+                    "sentiment",
+                    "flower",
+                    "--address=127.0.0.1",
+                    f"--port={self.flower_port}",
+                ],
+                env,
+            )
             self._announce(env)
             self._watch(duration, env)
         except KeyboardInterrupt:
@@ -91,39 +122,58 @@ class Runner:
         if not self.settings.subreddits:
             env["SUBREDDITS"] = DEMO_SUBREDDITS
         else:
-            env["SUBREDDITS"] = ",".join(f"{s.name}:{s.interval_seconds}" for s in self.settings.subreddits)
+            env["SUBREDDITS"] = ",".join(
+                f"{s.name}:{s.interval_seconds}" for s in self.settings.subreddits
+            )
         if not self.settings.has_reddit_credentials:
             base = f"http://127.0.0.1:{self.simulator_port}"
             env.update(
-                REDDIT_CLIENT_ID="simulator", REDDIT_CLIENT_SECRET=_SIMULATOR_SECRET,
-                REDDIT_OAUTH_URL=base, REDDIT_URL=base,
-            )  # fmt: skip
+                REDDIT_CLIENT_ID="simulator",
+                REDDIT_CLIENT_SECRET=_SIMULATOR_SECRET,
+                REDDIT_OAUTH_URL=base,
+                REDDIT_URL=base,
+            )
         return env
 
     def _migrate(self, env: dict[str, str]) -> None:
         self.console.print("migrating the database…")
         subprocess.run([sys.executable, "-m", "sentiment.cli", "migrate"], env=env, check=True)
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str], *, sentiment_cli: bool = False) -> None:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str], *, sentiment_cli: bool = False
+    ) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
-        program = [sys.executable, "-m", "sentiment.cli"] if sentiment_cli else [sys.executable, "-m", "celery"]
+        program = (
+            [sys.executable, "-m", "sentiment.cli"]
+            if sentiment_cli
+            else [sys.executable, "-m", "celery"]
+        )
         with log.open("ab") as out:
             process = subprocess.Popen(
-                [*program, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                [*program, *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
-            )  # fmt: skip
+            )
         self.children.append(_Child(name, process, log))
 
     def _kick_off(self, env: dict[str, str]) -> None:
         """Scrape every subreddit now; beat's first tick comes only one interval later."""
         subprocess.run(
-            [sys.executable, "-c", (
-                "import os; from sentiment.tasks import scrape\n"
-                "for s in os.environ['SUBREDDITS'].split(','): scrape.delay(s.split(':')[0])"
-            )],
-            env=env, check=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import os; from sentiment.tasks import scrape\n"
+                    "for s in os.environ['SUBREDDITS'].split(','): scrape.delay(s.split(':')[0])"
+                ),
+            ],
+            env=env,
+            check=True,
+            timeout=60,
+        )
 
     def _wait_for_port(self, port: int, timeout: float = 20) -> None:
         import socket
@@ -134,13 +184,15 @@ class Runner:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     return
             time.sleep(0.2)
-        raise RuntimeError(f"the simulator did not listen on port {port}; see {self.log_dir}/simulator.log")
+        raise RuntimeError(
+            f"the simulator did not listen on port {port}; see {self.log_dir}/simulator.log"
+        )
 
     def _announce(self, env: dict[str, str]) -> None:
         reddit = env.get("REDDIT_OAUTH_URL", self.settings.reddit_oauth_url)
         self.console.print(
-            f"[bold]running[/bold]: Flower http://127.0.0.1:{self.flower_port}  ·  Reddit {reddit}  ·  "
-            f"CSV {env['CSV_DIR']}  ·  logs {self.log_dir}\n"
+            f"[bold]running[/bold]: Flower http://127.0.0.1:{self.flower_port}"
+            f"  ·  Reddit {reddit}  ·  CSV {env['CSV_DIR']}  ·  logs {self.log_dir}\n"
             "Ctrl-C stops everything."
         )
 

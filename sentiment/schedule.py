@@ -45,7 +45,7 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return schedule
 
 
-class SingleBeatScheduler(PersistentScheduler):
+class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery is untyped
     """A beat scheduler that refuses to run while another beat holds the lock.
 
     Two beats would send every scrape twice. The scrape lock would turn the
@@ -61,7 +61,7 @@ class SingleBeatScheduler(PersistentScheduler):
 
     def setup_schedule(self) -> None:
         if not self._redis.set(BEAT_LOCK_KEY, self._token, nx=True, ex=_BEAT_LOCK_TTL):
-            holder = (self._redis.get(BEAT_LOCK_KEY) or b"?").decode()
+            holder = self._holder() or "?"
             raise SystemExit(
                 f"another celery beat ({holder}) is already running for this broker; "
                 "run exactly one beat (stop the other, or wait a minute if it crashed)"
@@ -70,15 +70,18 @@ class SingleBeatScheduler(PersistentScheduler):
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         # Refresh our lock; if it was lost (Redis flushed), take it back.
-        current = self._redis.get(BEAT_LOCK_KEY)
-        if current is None or current.decode() == self._token:
+        current = self._holder()
+        if current is None or current == self._token:
             self._redis.set(BEAT_LOCK_KEY, self._token, ex=_BEAT_LOCK_TTL)
         else:
-            raise SystemExit(f"beat lock taken over by {current.decode()}; stopping this beat")
+            raise SystemExit(f"beat lock taken over by {current}; stopping this beat")
         return min(float(super().tick(*args, **kwargs)), _BEAT_LOCK_TTL / 3)
 
     def close(self) -> None:
-        current = self._redis.get(BEAT_LOCK_KEY)
-        if current is not None and current.decode() == self._token:
+        if self._holder() == self._token:
             self._redis.delete(BEAT_LOCK_KEY)
         super().close()
+
+    def _holder(self) -> str | None:
+        value = self._redis.get(BEAT_LOCK_KEY)
+        return value.decode() if isinstance(value, bytes) else value

@@ -35,7 +35,9 @@ def collect_status(settings: Settings, subreddits: list[str] | None = None) -> d
 
 
 def _collect_database(settings: Settings, names: list[str], report: dict[str, Any]) -> None:
-    engine = create_engine(settings.database_url(), pool_size=1, connect_args={"connect_timeout": 3})
+    engine = create_engine(
+        settings.database_url(), pool_size=1, connect_args={"connect_timeout": 3}
+    )
     try:
         with engine.connect() as conn:
             for source_id, kind, count, newest, ingested in conn.execute(_ROWS):
@@ -57,7 +59,9 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
 
 
 def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any]) -> None:
-    client = redis.Redis.from_url(settings.redis_connection_url(), socket_timeout=3, socket_connect_timeout=3)
+    client = redis.Redis.from_url(
+        settings.redis_connection_url(), socket_timeout=3, socket_connect_timeout=3
+    )
     try:
         client.ping()
         report["queues"] = {queue: client.llen(queue) for queue in QUEUES}
@@ -74,14 +78,14 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
             }
         for name in names:
             entry = report["subreddits"].setdefault(name, {})
-            run = {k.decode(): v.decode() for k, v in client.hgetall(f"sentiment:runs:{name}").items()}
+            run = {_text(k): _text(v) for k, v in client.hgetall(f"sentiment:runs:{name}").items()}
             if "at" in run:
                 entry["last_run_s_ago"] = round(now - float(run["at"]))
             if "error" in run:
                 entry["last_error"] = run["error"]
             failing = client.get(f"sentiment:failing:{name}")
             if failing:
-                entry["failing"] = failing.decode()
+                entry["failing"] = _text(failing)
         report["health"]["redis"] = "ok"
     except redis.RedisError as exc:
         report["health"]["redis"] = f"error: {type(exc).__name__}"
@@ -89,9 +93,15 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
         client.close()
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def status_table(report: dict[str, Any]) -> Group:
     """The report as rich tables."""
-    subs = Table("subreddit", "submissions", "comments", "last run", "last error", title="subreddits")
+    subs = Table(
+        "subreddit", "submissions", "comments", "last run", "last error", title="subreddits"
+    )
     for name, entry in sorted(report["subreddits"].items()):
         ago = entry.get("last_run_s_ago")
         subs.add_row(
@@ -101,17 +111,28 @@ def status_table(report: dict[str, Any]) -> Group:
             "never" if ago is None else f"{ago}s ago",
             entry.get("failing") or entry.get("last_error", ""),
         )
-    overview = Table("postgres", "redis", "queues (scrape/ingest/export)", "unprocessed", "rejected",
-                     "rate limit", title="pipeline")  # fmt: skip
+    overview = Table(
+        "postgres",
+        "redis",
+        "queues (scrape/ingest/export)",
+        "unprocessed",
+        "rejected",
+        "rate limit",
+        title="pipeline",
+    )
     queues = report.get("queues", {})
     limit = report.get("rate_limit")
     overview.add_row(
         report["health"].get("postgres", "?"),
         report["health"].get("redis", "?"),
         "/".join(str(queues.get(q, "?")) for q in QUEUES),
-        f"{report.get('unprocessed', '?'):,}" if isinstance(report.get("unprocessed"), int) else "?",
+        f"{report.get('unprocessed', '?'):,}"
+        if isinstance(report.get("unprocessed"), int)
+        else "?",
         str(report.get("rejected", "?")),
-        f"{limit['remaining']}/{limit['limit']} left, resets in {limit['resets_in_s']}s" if limit else "-",
+        f"{limit['remaining']}/{limit['limit']} left, resets in {limit['resets_in_s']}s"
+        if limit
+        else "-",
     )
     return Group(overview, subs)
 

@@ -42,13 +42,18 @@ def _configure_environment() -> None:
 
     simulator_url = f"http://127.0.0.1:{_free_port()}"
     os.environ.update(
-        REDDIT_CLIENT_ID=DEFAULT_CLIENT_ID, REDDIT_CLIENT_SECRET=DEFAULT_CLIENT_SECRET,
-        REDDIT_OAUTH_URL=simulator_url, REDDIT_URL=simulator_url,
-        REDDIT_USERNAME="", REDDIT_PASSWORD="",
+        REDDIT_CLIENT_ID=DEFAULT_CLIENT_ID,
+        REDDIT_CLIENT_SECRET=DEFAULT_CLIENT_SECRET,
+        REDDIT_OAUTH_URL=simulator_url,
+        REDDIT_URL=simulator_url,
+        REDDIT_USERNAME="",
+        REDDIT_PASSWORD="",
         # Short limits, so redelivery after a killed worker takes seconds, not an hour.
-        TASK_SOFT_TIME_LIMIT="20", RETRY_BACKOFF_MAX="2", CELERY_VISIBILITY_TIMEOUT="30",
+        TASK_SOFT_TIME_LIMIT="20",
+        RETRY_BACKOFF_MAX="2",
+        CELERY_VISIBILITY_TIMEOUT="30",
         TASK_MAX_RETRIES="60",
-    )  # fmt: skip
+    )
 
 
 def _free_port() -> int:
@@ -69,9 +74,12 @@ def _create_test_database(settings: Settings) -> None:
     from psycopg2 import sql
 
     conn = psycopg2.connect(
-        host=settings.pg_host, port=settings.pg_port, user=settings.pg_user,
-        password=settings.pg_password.get_secret_value(), dbname="postgres",
-    )  # fmt: skip
+        host=settings.pg_host,
+        port=settings.pg_port,
+        user=settings.pg_user,
+        password=settings.pg_password.get_secret_value(),
+        dbname="postgres",
+    )
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (settings.pg_db,))
@@ -94,7 +102,6 @@ def settings() -> Iterator[Settings]:
     (a developer's earlier run) are left as they were.
     """
     from alembic import command
-
     from sentiment.embedded import ensure_services, stop_services
 
     get_settings.cache_clear()

@@ -22,7 +22,9 @@ def base36(number: int) -> str:
             return out
 
 
-def submission_payload(event_id: str, subreddit: str, created: datetime, **extra: Any) -> dict[str, Any]:
+def submission_payload(
+    event_id: str, subreddit: str, created: datetime, **extra: Any
+) -> dict[str, Any]:
     payload = {
         "id": event_id,
         "name": f"t3_{event_id}",
@@ -58,15 +60,25 @@ def make_event(
     payload = submission_payload(event_id, subreddit, occurred_at, **extra)
     if event_type == "comment":
         payload = {
-            "id": event_id, "name": f"t1_{event_id}", "subreddit": subreddit,
-            "author": payload["author"], "body": payload["selftext"], "created_utc": payload["created_utc"],
-            "score": payload["score"], "link_id": "t3_abc", "parent_id": "t3_abc",
-            "permalink": f"/r/{subreddit}/comments/abc/post/{event_id}/", **extra,
-        }  # fmt: skip
+            "id": event_id,
+            "name": f"t1_{event_id}",
+            "subreddit": subreddit,
+            "author": payload["author"],
+            "body": payload["selftext"],
+            "created_utc": payload["created_utc"],
+            "score": payload["score"],
+            "link_id": "t3_abc",
+            "parent_id": "t3_abc",
+            "permalink": f"/r/{subreddit}/comments/abc/post/{event_id}/",
+            **extra,
+        }
     return RawEventDTO(
-        id=event_id, occurred_at=occurred_at, source_id=subreddit,
-        event_type=event_type, payload=payload,
-    )  # fmt: skip
+        id=event_id,
+        occurred_at=occurred_at,
+        source_id=subreddit,
+        event_type=event_type,
+        payload=payload,
+    )
 
 
 def make_events(count: int, **kwargs: Any) -> list[RawEventDTO]:

@@ -29,9 +29,12 @@ class CeleryProcess:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "sentiment", *self.args],
-                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -63,12 +66,20 @@ class CeleryWorker(CeleryProcess):
         super().__init__(
             self.hostname.split("@")[0],
             [
-                "worker", "--loglevel", "INFO", "--concurrency", str(concurrency),
-                "-Q", "scrape,ingest,export", "--hostname", self.hostname,
-                "--without-mingle", "--without-gossip",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                str(concurrency),
+                "-Q",
+                "scrape,ingest,export",
+                "--hostname",
+                self.hostname,
+                "--without-mingle",
+                "--without-gossip",
             ],
             env,
-        )  # fmt: skip
+        )
 
     def start(self, timeout: float = 60) -> None:
         super().start()
@@ -83,7 +94,9 @@ class CeleryWorker(CeleryProcess):
         raise RuntimeError(f"worker not ready after {timeout}s:\n{self.output()[-3000:]}")
 
 
-def scrape_loop(env: dict[str, str], subreddits: list[str], start_at: float, deadline: float) -> int:
+def scrape_loop(
+    env: dict[str, str], subreddits: list[str], start_at: float, deadline: float
+) -> int:
     """Scrape `subreddits` round-robin from `start_at` until `deadline`, as one worker process.
 
     Run in a spawned process: the environment is set before Settings is read.
@@ -102,10 +115,11 @@ def scrape_loop(env: dict[str, str], subreddits: list[str], start_at: float, dea
     async def run() -> int:
         settings = get_settings()
         limiter = SharedRateLimiter(
-            AsyncRedis.from_url(settings.redis_connection_url()), settings.reddit_client_id or "",
+            AsyncRedis.from_url(settings.redis_connection_url()),
+            settings.reddit_client_id or "",
             limit=settings.reddit_ratelimit_requests,
             window_seconds=settings.reddit_ratelimit_window_seconds,
-        )  # fmt: skip
+        )
         reddit = make_reddit(settings, limiter)
         marks: dict[str, dict[str, str | None]] = {name: {} for name in subreddits}
         try:

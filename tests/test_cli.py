@@ -14,37 +14,57 @@ from tests.conftest import _free_port
 from tests.processes import ROOT
 
 
-def _sentiment(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _sentiment(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})},
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "sentiment.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.mark.slow
 def test_run_brings_up_the_whole_pipeline_and_stops_cleanly(settings, db, redis_client, csv_dir):
     env = {
         # No Reddit credentials: the runner starts the simulator itself.
-        "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "",
-        "REDDIT_OAUTH_URL": "https://oauth.reddit.com", "REDDIT_URL": "https://www.reddit.com",
+        "REDDIT_CLIENT_ID": "",
+        "REDDIT_CLIENT_SECRET": "",
+        "REDDIT_OAUTH_URL": "https://oauth.reddit.com",
+        "REDDIT_URL": "https://www.reddit.com",
         "SUBREDDITS": "alpha_demo:10,beta_demo:10",
-    }  # fmt: skip
+    }
     sim_port, flower_port = _free_port(), _free_port()
 
     result = _sentiment(
-        "run", "--duration", "25", "--simulator-port", str(sim_port), "--flower-port", str(flower_port),
-        env=env, timeout=180,
-    )  # fmt: skip
+        "run",
+        "--duration",
+        "25",
+        "--simulator-port",
+        str(sim_port),
+        "--flower-port",
+        str(flower_port),
+        env=env,
+        timeout=180,
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Flower http://127.0.0.1:{flower_port}" in result.stdout
     assert "stopped; logs are in" in result.stdout
     with db.connect() as conn:
-        counts = dict(conn.execute(text("SELECT source_id, count(*) FROM raw_events GROUP BY 1")).all())
+        counts = dict(
+            conn.execute(text("SELECT source_id, count(*) FROM raw_events GROUP BY 1")).all()
+        )
     assert set(counts) == {"alpha_demo", "beta_demo"}
     assert all(n > 0 for n in counts.values())
     assert {p.parent.name for p in csv_dir.rglob("*.csv")} == {"alpha_demo", "beta_demo"}
-    leftovers = subprocess.run(["pgrep", "-f", f"--port={flower_port}"], capture_output=True, check=False)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"--port={flower_port}"], capture_output=True, check=False
+    )
     assert leftovers.stdout == b"", "a child process outlived `sentiment run`"
 
 

@@ -35,7 +35,9 @@ def _config(tmp_path: Path, env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_config_is_valid_with_every_service(tmp_path):
-    result = _config(tmp_path, "PG_PASSWORD=pw\nREDIS_PASSWORD=rpw\nFLOWER_BASIC_AUTH=admin:secret\n")
+    result = _config(
+        tmp_path, "PG_PASSWORD=pw\nREDIS_PASSWORD=rpw\nFLOWER_BASIC_AUTH=admin:secret\n"
+    )
 
     assert result.returncode == 0, result.stderr
     for service in ("timescaledb", "redis", "migrate", "worker", "beat", "flower"):
@@ -50,4 +52,6 @@ def test_compose_refuses_to_start_without_passwords(tmp_path):
     result = _config(tmp_path, "FLOWER_BASIC_AUTH=admin:secret\n")
 
     assert result.returncode != 0
-    assert "set PG_PASSWORD in .env" in result.stderr or "set REDIS_PASSWORD in .env" in result.stderr
+    assert (
+        "set PG_PASSWORD in .env" in result.stderr or "set REDIS_PASSWORD in .env" in result.stderr
+    )

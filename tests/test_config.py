@@ -15,8 +15,10 @@ from sentiment.errors import ConfigError
 def test_subreddits_with_and_without_intervals():
     schedules = parse_subreddits("wallstreetbets:60, stocks,TinySub:300", default_interval=120)
     assert [(s.name, s.interval_seconds) for s in schedules] == [
-        ("wallstreetbets", 60), ("stocks", 120), ("tinysub", 300),
-    ]  # fmt: skip
+        ("wallstreetbets", 60),
+        ("stocks", 120),
+        ("tinysub", 300),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -28,7 +30,11 @@ def test_subreddits_with_and_without_intervals():
         ("PG_PORT", "postgres", "PG_PORT: Input should be a valid integer"),
         ("REDIS_URL", "localhost:6379", "REDIS_URL: must be a redis:// or rediss:// URL"),
         ("REDDIT_OAUTH_URL", "oauth.reddit.com", "REDDIT_OAUTH_URL: must be an http(s) base URL"),
-        ("TIMESCALE_CHUNK_INTERVAL", "daily", "TIMESCALE_CHUNK_INTERVAL: must be a PostgreSQL interval"),
+        (
+            "TIMESCALE_CHUNK_INTERVAL",
+            "daily",
+            "TIMESCALE_CHUNK_INTERVAL: must be a PostgreSQL interval",
+        ),
         ("STORAGE_LAYOUT", "mongo", "STORAGE_LAYOUT: Input should be 'auto', 'timescaledb' or"),
     ],
 )
@@ -37,7 +43,9 @@ def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, v
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert message in str(caught.value)
-    assert str(caught.value).startswith("invalid configuration (fix these in the environment or .env)")
+    assert str(caught.value).startswith(
+        "invalid configuration (fix these in the environment or .env)"
+    )
 
 
 def test_secrets_never_show_in_repr_or_summary(monkeypatch):
@@ -57,8 +65,12 @@ def test_a_bad_setting_stops_a_process_at_start_up_with_the_message(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "SUBREDDITS": "ok,not a name"}
     result = subprocess.run(
         [sys.executable, "-c", "from sentiment.config import get_settings; get_settings()"],
-        env=env, capture_output=True, text=True, cwd=tmp_path, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode != 0
     assert "SUBREDDITS: 'not a name' is not a valid subreddit name" in result.stderr
 
@@ -67,7 +79,9 @@ def test_env_example_documents_every_setting_and_loads(tmp_path, monkeypatch):
     from sentiment.config import Settings
 
     example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
-    missing = [name.upper() for name in Settings.model_fields if f"\n{name.upper()}=" not in example]
+    missing = [
+        name.upper() for name in Settings.model_fields if f"\n{name.upper()}=" not in example
+    ]
     assert missing == []
 
     for name in Settings.model_fields:

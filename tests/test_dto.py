@@ -16,9 +16,12 @@ from sentiment.sinks.postgres import insert_batch
 
 def _event(**overrides):
     fields = {
-        "id": "abc123", "occurred_at": 1_700_000_000.5, "source_id": "WallStreetBets",
-        "event_type": "submission", "payload": {"title": "x"},
-    }  # fmt: skip
+        "id": "abc123",
+        "occurred_at": 1_700_000_000.5,
+        "source_id": "WallStreetBets",
+        "event_type": "submission",
+        "payload": {"title": "x"},
+    }
     fields.update(overrides)
     return RawEventDTO(**fields)
 
@@ -79,14 +82,19 @@ def test_clean_payload_is_left_as_is():
 
 
 def test_blob_round_trip_keeps_microseconds():
-    events = [_event(occurred_at=datetime(2024, 5, 1, 1, 2, 3, 456789, tzinfo=UTC)), _event(id="zz9")]
+    events = [
+        _event(occurred_at=datetime(2024, 5, 1, 1, 2, 3, 456789, tzinfo=UTC)),
+        _event(id="zz9"),
+    ]
     assert load_events(dump_events(events)) == events
 
 
 reddit_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=200)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(title=reddit_text, body=reddit_text, author=reddit_text)
 def test_any_unicode_round_trips_through_the_database(db, title, body, author):
     event = _event(payload={"title": title, "selftext": body, "author": author})

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from alembic import command
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+from alembic import command
 from sentiment.config import get_settings
 from tests.conftest import alembic_config
 
@@ -107,15 +107,21 @@ def test_partition_keeper_moves_rows_out_of_the_default_partition(scratch_engine
     assert made == {f"raw_events_p{far:%Y%m%d}": 1, "raw_events_p20200229": 1}
     with scratch_engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM raw_events_default")).scalar() == 0
-        placed = dict(conn.execute(text("SELECT id, tableoid::regclass::text FROM raw_events")).all())
+        placed = dict(
+            conn.execute(text("SELECT id, tableoid::regclass::text FROM raw_events")).all()
+        )
     assert placed == {"far1": f"raw_events_p{far:%Y%m%d}", "old1": "raw_events_p20200229"}
 
     # Running it again is a no-op: everything it would make exists.
     with scratch_engine.begin() as conn:
-        assert conn.execute(text("SELECT count(*) FROM raw_events_ensure_partitions(7)")).scalar() == 0
+        assert (
+            conn.execute(text("SELECT count(*) FROM raw_events_ensure_partitions(7)")).scalar() == 0
+        )
 
 
-def test_timescaledb_layout_refused_clearly_without_the_extension(scratch_engine, monkeypatch, timescale):
+def test_timescaledb_layout_refused_clearly_without_the_extension(
+    scratch_engine, monkeypatch, timescale
+):
     if timescale:
         pytest.skip("this server has TimescaleDB")
     _layout(monkeypatch, "timescaledb")
@@ -141,14 +147,23 @@ def test_hypertable_upgrade_check_downgrade(scratch_engine, monkeypatch, timesca
             )
         ).one()
         policies = conn.execute(
-            text("SELECT count(*) FROM timescaledb_information.jobs WHERE hypertable_name = 'raw_events'")
+            text(
+                "SELECT count(*) FROM timescaledb_information.jobs"
+                " WHERE hypertable_name = 'raw_events'"
+            )
         ).scalar()
         indexes = set(
-            conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'raw_events'")).scalars()
+            conn.execute(
+                text("SELECT indexname FROM pg_indexes WHERE tablename = 'raw_events'")
+            ).scalars()
         )
     assert hypertable.compression_enabled is False  # rows are updated when processed
     assert policies == 0
-    assert indexes == {"pk_raw_events", "ix_raw_events_source_id_event_type_occurred_at", "ix_raw_events_unprocessed"}
+    assert indexes == {
+        "pk_raw_events",
+        "ix_raw_events_source_id_event_type_occurred_at",
+        "ix_raw_events_unprocessed",
+    }
 
     _alembic(scratch_engine, "downgrade", "base")
     assert _tables(scratch_engine) == {"alembic_version"}

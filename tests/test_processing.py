@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import text
 
 from sentiment.processing import claim_unprocessed, mark_processed
@@ -48,11 +49,8 @@ def test_concurrent_claimers_get_disjoint_rows(db):
 
 def test_a_failed_claim_frees_its_rows(db):
     insert_batch(_events(3))
-    try:
-        with claim_unprocessed(3):
-            raise RuntimeError("worker crashed")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError), claim_unprocessed(3):
+        raise RuntimeError("worker crashed")
     with claim_unprocessed(10) as claim:
         assert len(claim) == 3
 
@@ -71,14 +69,20 @@ def test_mark_processed_counts_and_keeps_the_first_time(db):
     insert_batch(events)
     first = mark_processed([e.key for e in events[:3]])
     with db.connect() as conn:
-        before = dict(conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all())
+        before = dict(
+            conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all()
+        )
 
-    second = mark_processed([events[0].key, events[1].id, events[3].id, ("nope1", datetime.now(UTC)), "nope2"])
+    second = mark_processed(
+        [events[0].key, events[1].id, events[3].id, ("nope1", datetime.now(UTC)), "nope2"]
+    )
 
     assert first.summary() == {"updated": 3, "already_processed": 0, "unknown": 0}
     assert second.summary() == {"updated": 1, "already_processed": 2, "unknown": 2}
     with db.connect() as conn:
-        after = dict(conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all())
+        after = dict(
+            conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all()
+        )
     assert {k: after[k] for k in before} == before
     assert set(after) == {e.id for e in events[:4]}
     assert all(v is not None for v in after.values())

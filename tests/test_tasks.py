@@ -72,7 +72,12 @@ def test_scrape_delay_from_a_python_shell(worker, simulator):
     code = f"from sentiment.tasks import scrape; print(scrape.delay({name!r}).get(timeout=60))"
 
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
     assert result.returncode == 0, result.stderr
@@ -112,18 +117,27 @@ def test_mark_processed_through_the_task(worker, db):
     keys = [[e.id, e.occurred_at.isoformat()] for e in events[:3]] + ["missing1"]
 
     assert mark_processed.delay(keys).get(timeout=30) == {
-        "updated": 3, "already_processed": 0, "unknown": 1,
-    }  # fmt: skip
+        "updated": 3,
+        "already_processed": 0,
+        "unknown": 1,
+    }
 
 
 def _big_batch(count: int) -> dict:
     events = make_events(count)
     ref = pipeline.stash_batch(events)
     return {
-        "subreddit": "wallstreetbets", "fetched": count, "batch": ref, "batch_id": uuid.uuid4().hex,
-        "watermarks": {}, "lock": None, "started_at": time.time(), "gaps": 0, "malformed": 0,
+        "subreddit": "wallstreetbets",
+        "fetched": count,
+        "batch": ref,
+        "batch_id": uuid.uuid4().hex,
+        "watermarks": {},
+        "lock": None,
+        "started_at": time.time(),
+        "gaps": 0,
+        "malformed": 0,
         "requests": 0,
-    }  # fmt: skip
+    }
 
 
 def _wait_for_sink_activity(engine, timeout: float = 60) -> None:
@@ -140,7 +154,9 @@ def _wait_for_sink_activity(engine, timeout: float = 60) -> None:
     raise AssertionError("the worker never started inserting")
 
 
-def test_a_worker_killed_mid_insert_loses_and_duplicates_nothing(worker_factory, db, redis_client, csv_dir):
+def test_a_worker_killed_mid_insert_loses_and_duplicates_nothing(
+    worker_factory, db, redis_client, csv_dir
+):
     batch = _big_batch(60_000)
     first = worker_factory()
     result = chain(insert_batch.s(batch), export_csv.s()).apply_async()
@@ -160,7 +176,9 @@ def test_a_worker_killed_mid_insert_loses_and_duplicates_nothing(worker_factory,
     assert summary["exported"] == 60_000
 
 
-def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(worker, simulator, db, csv_dir, settings):
+def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(
+    worker, simulator, db, csv_dir, settings
+):
     if not settings.uses_embedded_postgres:
         pytest.skip("needs the embedded PostgreSQL, which the test can stop")
     from sentiment.embedded import embedded_postgres
@@ -224,7 +242,9 @@ def test_beat_scrapes_each_subreddit_on_its_schedule(worker, simulator, db, csv_
         simulator.add_items(names[0], submissions=3)
         _wait_until(lambda: len(_stored_ids(db, names[0])) == 23, 30, "the next scheduled scrape")
 
-        second = CeleryProcess("beat2", ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "two")], env)
+        second = CeleryProcess(
+            "beat2", ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "two")], env
+        )
         second.start()
         assert second.process is not None
         assert second.process.wait(timeout=30) != 0

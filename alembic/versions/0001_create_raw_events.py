@@ -13,9 +13,9 @@ raw_events_ensure_partitions() (run by the migration and by a periodic task).
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import postgresql
 
+from alembic import op
 from sentiment.config import get_settings
 
 revision: str = "0001"
@@ -77,9 +77,10 @@ def _use_timescaledb(bind: sa.Connection) -> bool:
     available = bind.execute(
         sa.text("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
     ).scalar()
-    preloaded = "timescaledb" in bind.execute(
-        sa.text("SELECT current_setting('shared_preload_libraries')")
-    ).scalar_one()
+    preloaded = (
+        "timescaledb"
+        in bind.execute(sa.text("SELECT current_setting('shared_preload_libraries')")).scalar_one()
+    )
     if layout == "partitioned":
         return False
     if layout == "timescaledb" and not (available and preloaded):
@@ -98,7 +99,12 @@ def _columns() -> list[sa.Column]:  # type: ignore[type-arg]
         sa.Column("source_id", sa.Text(), nullable=False),
         sa.Column("event_type", sa.Text(), nullable=False),
         sa.Column("payload", postgresql.JSONB(), nullable=False),
-        sa.Column("ingested_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column(
+            "ingested_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
+        ),
         sa.Column("processed", sa.Boolean(), server_default=sa.text("false"), nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", "occurred_at", name=op.f("pk_raw_events")),
@@ -135,7 +141,8 @@ def upgrade() -> None:
         # compressed chunks is slow.
         op.execute(
             sa.text(
-                "SELECT create_hypertable('raw_events', by_range('occurred_at', CAST(:chunk AS interval)),"
+                "SELECT create_hypertable('raw_events',"
+                " by_range('occurred_at', CAST(:chunk AS interval)),"
                 " create_default_indexes => false)"
             ).bindparams(chunk=settings.timescale_chunk_interval)
         )
@@ -156,7 +163,12 @@ def upgrade() -> None:
         sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("record", sa.Text(), nullable=False),
-        sa.Column("rejected_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column(
+            "rejected_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_rejected_events")),
     )
 

@@ -11,8 +11,9 @@ rows it inserted are still exported exactly once.
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from alembic import op
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -28,8 +29,15 @@ def upgrade() -> None:
         sa.Column("last_row", sa.Integer(), nullable=False),
         sa.Column("new_keys", postgresql.JSONB(), nullable=False),
         sa.Column("rejected", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.PrimaryKeyConstraint("batch_id", "first_row", "last_row", name=op.f("pk_ingested_batches")),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
+        ),
+        sa.PrimaryKeyConstraint(
+            "batch_id", "first_row", "last_row", name=op.f("pk_ingested_batches")
+        ),
     )
 
 

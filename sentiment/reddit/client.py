@@ -31,7 +31,7 @@ from sentiment.reddit.ratelimit import SharedRateLimiter
 __all__ = ["CountingRequestor", "make_reddit", "make_sync_reddit", "translate_error"]
 
 
-_TOKEN_PATH = "/api/v1/access_token"
+_TOKEN_PATH = "/api/v1/access_token"  # noqa: S105 - a URL path, not a password
 
 
 class CountingRequestor(asyncprawcore.Requestor):
@@ -120,7 +120,7 @@ async def translate_error(exc: BaseException, subreddit: str) -> RedditError:
     )
     reason = await _reason(exc)
     name = type(exc).__name__
-    if name == "OAuthException" or name == "InvalidToken" or status == 401:
+    if name in {"OAuthException", "InvalidToken"} or status == 401:
         return RedditAuthError(
             "Reddit refused the credentials (401): check REDDIT_CLIENT_ID, REDDIT_CLIENT_SECRET"
             " (and REDDIT_USERNAME / REDDIT_PASSWORD if set)"
@@ -132,7 +132,8 @@ async def translate_error(exc: BaseException, subreddit: str) -> RedditError:
     if name in {"Forbidden", "InsufficientScope"} or status == 403:
         kind = reason or "private"
         return SubredditUnavailable(
-            f"r/{subreddit} is {kind} (403): drop it from SUBREDDITS or use an account that can read it"
+            f"r/{subreddit} is {kind} (403): drop it from SUBREDDITS "
+            "or use an account that can read it"
         )
     if name in {"NotFound", "Redirect", "UnavailableForLegalReasons"} or status in {404, 302, 451}:
         kind = "banned" if reason == "banned" else "missing or banned"

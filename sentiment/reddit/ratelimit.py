@@ -54,8 +54,9 @@ if remaining <= 0 then
   redis.call('HSET', key, 'window_end', window_end, 'remaining', remaining, 'inflight', inflight)
   return {0, tostring(window_end - now)}
 end
+local granted = (tonumber(redis.call('HGET', key, 'granted')) or 0) + 1
 redis.call('HSET', key, 'window_end', window_end, 'remaining', remaining - 1,
-           'inflight', inflight + 1, 'granted', (tonumber(redis.call('HGET', key, 'granted')) or 0) + 1)
+           'inflight', inflight + 1, 'granted', granted)
 redis.call('EXPIRE', key, math.ceil(window_end - now) + 3600)
 return {1, '0'}
 """
@@ -151,7 +152,12 @@ class SharedRateLimiter:
                 reset = headers.get("retry-after", str(self.window_seconds))
         await self._observe(
             keys=[self.key],
-            args=[remaining or "nil", reset or "nil", _RESET_MARGIN_S, "1" if status == 429 else "0"],
+            args=[
+                remaining or "nil",
+                reset or "nil",
+                _RESET_MARGIN_S,
+                "1" if status == 429 else "0",
+            ],
         )
 
     async def state(self) -> LimiterState:

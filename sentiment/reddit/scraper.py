@@ -103,8 +103,11 @@ async def scrape_subreddit(
             log.warning(
                 "gap in r/%s %ss: the watermark was not reached within %d items; "
                 "scrape it more often",
-                name, kind, depth, extra={"subreddit": name, "kind": kind},
-            )  # fmt: skip
+                name,
+                kind,
+                depth,
+                extra={"subreddit": name, "kind": kind},
+            )
     return ScrapeResult(
         subreddit=name,
         events=[e for r in results for e in r.events],
@@ -138,7 +141,7 @@ async def _scrape_kind(
             listed += 1
             item = child.get("data") if isinstance(child, dict) else None
             item_id = item.get("id") if isinstance(item, dict) else None
-            if not isinstance(item_id, str) or not item_id.isalnum():
+            if not isinstance(item, dict) or not isinstance(item_id, str) or not item_id.isalnum():
                 result.malformed += 1
                 continue
             number = base36_to_int(item_id.lower())

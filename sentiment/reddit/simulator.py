@@ -59,9 +59,9 @@ __all__ = [
 ]
 
 DEFAULT_CLIENT_ID = "sim-client-id"
-DEFAULT_CLIENT_SECRET = "sim-client-secret"  # noqa: S105 - a fixture, not a secret
+DEFAULT_CLIENT_SECRET = "sim-client-secret"
 DEFAULT_USERNAME = "sim-user"
-DEFAULT_PASSWORD = "sim-password"  # noqa: S105
+DEFAULT_PASSWORD = "sim-password"
 
 FaultKind = Literal["status", "delay", "drop"]
 
@@ -145,9 +145,12 @@ class Simulator:
         With `user`, the password grant is used (an "authorized" instance).
         """
         kwargs = {
-            "client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET,
-            "user_agent": "sentiment-simulator-client/1.0", "oauth_url": url, "reddit_url": url,
-        }  # fmt: skip
+            "client_id": DEFAULT_CLIENT_ID,
+            "client_secret": DEFAULT_CLIENT_SECRET,
+            "user_agent": "sentiment-simulator-client/1.0",
+            "oauth_url": url,
+            "reddit_url": url,
+        }
         if user:
             kwargs |= {"username": DEFAULT_USERNAME, "password": DEFAULT_PASSWORD}
         return kwargs

@@ -27,7 +27,8 @@ _NEWEST_STORED = text(
 # Only ever move a watermark forward, atomically, whoever commits last.
 _ADVANCE = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current == false or tonumber(current, 36) == nil or tonumber(ARGV[2], 36) > tonumber(current, 36) then
+local known = current and tonumber(current, 36)
+if not known or tonumber(ARGV[2], 36) > known then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   return 1
 end
@@ -51,13 +52,16 @@ class Watermarks:
         """The watermark of each kind: Redis first, then the newest row stored."""
         stored = self._redis.hmget(self.key(subreddit), list(kinds))
         marks: dict[str, str | None] = {
-            kind: value.decode() if value else None for kind, value in zip(kinds, stored, strict=True)
+            kind: (value.decode() if isinstance(value, bytes) else value) or None
+            for kind, value in zip(kinds, stored, strict=True)
         }
         missing = [kind for kind, value in marks.items() if value is None]
         if missing:
             with self._engine.connect() as conn:
                 for kind in missing:
-                    ids = conn.execute(_NEWEST_STORED, {"subreddit": subreddit, "kind": kind}).scalars()
+                    ids = conn.execute(
+                        _NEWEST_STORED, {"subreddit": subreddit, "kind": kind}
+                    ).scalars()
                     marks[kind] = max(ids, key=lambda i: int(i, 36), default=None)
         return marks
 

@@ -172,7 +172,9 @@ def _prepare(conn: psycopg.Connection[Any], info: dict[str, Any]) -> None:
     info["stage_ready"] = True
 
 
-def _recorded_chunks(conn: psycopg.Connection[Any], batch_id: str) -> dict[tuple[int, int], tuple[list[Any], int]]:
+def _recorded_chunks(
+    conn: psycopg.Connection[Any], batch_id: str
+) -> dict[tuple[int, int], tuple[list[Any], int]]:
     with conn.transaction():
         rows = conn.execute(_RECORDED, (batch_id,)).fetchall()
     return {(first, last): (keys, rejected) for first, last, keys, rejected in rows}
@@ -206,7 +208,10 @@ def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
 
 
 def _count(
-    result: InsertResult, chunk: list[RawEventDTO], new_keys: list[tuple[str, datetime]], rejected: int
+    result: InsertResult,
+    chunk: list[RawEventDTO],
+    new_keys: list[tuple[str, datetime]],
+    rejected: int,
 ) -> None:
     by_key = {event.key: event for event in chunk}
     result.new.extend(by_key[key] for key in new_keys)
@@ -229,7 +234,9 @@ def _record(
     conn.execute(_RECORD, (batch.batch_id, first, last, Jsonb(keys), rejected))
 
 
-def _copy_and_insert(conn: psycopg.Connection[Any], chunk: list[RawEventDTO]) -> list[tuple[str, datetime]]:
+def _copy_and_insert(
+    conn: psycopg.Connection[Any], chunk: list[RawEventDTO]
+) -> list[tuple[str, datetime]]:
     with conn.cursor() as cur:
         with cur.copy(_COPY_STAGE) as copy:
             copy.set_types(["text", "timestamptz", "text", "text", "text", "jsonb"])
@@ -247,9 +254,10 @@ def _rows(chunk: list[RawEventDTO]) -> Iterator[tuple[Any, ...]]:
 def _reject(conn: psycopg.Connection[Any], event: RawEventDTO, exc: psycopg.Error) -> None:
     """Keep a refused record, with the reason, where people can look at it."""
     diag = exc.diag
-    reason = " - ".join(
-        part for part in (diag.message_primary, diag.message_detail) if part
-    ) or type(exc).__name__
+    reason = (
+        " - ".join(part for part in (diag.message_primary, diag.message_detail) if part)
+        or type(exc).__name__
+    )
     record = json.dumps(
         {
             "id": event.id,
@@ -263,11 +271,15 @@ def _reject(conn: psycopg.Connection[Any], event: RawEventDTO, exc: psycopg.Erro
         default=str,
     )
     log.warning(
-        "rejected event %s from r/%s: %s", event.id, event.source_id, reason,
+        "rejected event %s from r/%s: %s",
+        event.id,
+        event.source_id,
+        reason,
         extra={"event_id": event.id, "subreddit": event.source_id},
-    )  # fmt: skip
+    )
     conn.execute(
-        _REJECT, (event.id[:64], str(event.source_id)[:64], event.occurred_at, reason[:1000], record)
+        _REJECT,
+        (event.id[:64], str(event.source_id)[:64], event.occurred_at, reason[:1000], record),
     )
 
 

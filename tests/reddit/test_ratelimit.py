@@ -28,10 +28,13 @@ def test_four_processes_twenty_subreddits_no_429_and_the_budget_used(settings, r
     sim.start_growth(2.0, 4.0)  # always work to do
     with SimulatorThread(sim) as url:
         env = {
-            "REDDIT_CLIENT_ID": "limiter-test", "REDDIT_CLIENT_SECRET": "limiter-secret",
-            "REDDIT_OAUTH_URL": url, "REDDIT_URL": url,
-            "REDDIT_RATELIMIT_REQUESTS": str(BUDGET), "REDDIT_RATELIMIT_WINDOW_SECONDS": str(WINDOW),
-        }  # fmt: skip
+            "REDDIT_CLIENT_ID": "limiter-test",
+            "REDDIT_CLIENT_SECRET": "limiter-secret",
+            "REDDIT_OAUTH_URL": url,
+            "REDDIT_URL": url,
+            "REDDIT_RATELIMIT_REQUESTS": str(BUDGET),
+            "REDDIT_RATELIMIT_WINDOW_SECONDS": str(WINDOW),
+        }
         # Start on a window boundary, far enough ahead for the processes to load.
         start = (math.floor(time.time() / WINDOW) + 2) * WINDOW
         windows = 4
@@ -81,10 +84,14 @@ def test_the_server_can_only_lower_what_is_left(settings, redis_client):
         limiter = SharedRateLimiter(redis, "lower-test", limit=100, window_seconds=60)
         seen = []
         await limiter.acquire()
-        await limiter.observe({"x-ratelimit-remaining": "40.0", "x-ratelimit-reset": "30"}, status=200)
+        await limiter.observe(
+            {"x-ratelimit-remaining": "40.0", "x-ratelimit-reset": "30"}, status=200
+        )
         seen.append((await limiter.state()).remaining)
         await limiter.acquire()
-        await limiter.observe({"x-ratelimit-remaining": "90.0", "x-ratelimit-reset": "29"}, status=200)
+        await limiter.observe(
+            {"x-ratelimit-remaining": "90.0", "x-ratelimit-reset": "29"}, status=200
+        )
         seen.append((await limiter.state()).remaining)
         await redis.aclose()
         return seen

@@ -28,9 +28,11 @@ def scrape(settings: Settings, subreddit: str, marks: dict[str, Any] | None = No
     async def run() -> tuple[ScrapeResult, int]:
         redis = AsyncRedis.from_url(settings.redis_connection_url())
         limiter = SharedRateLimiter(
-            redis, settings.reddit_client_id or "", limit=settings.reddit_ratelimit_requests,
+            redis,
+            settings.reddit_client_id or "",
+            limit=settings.reddit_ratelimit_requests,
             window_seconds=settings.reddit_ratelimit_window_seconds,
-        )  # fmt: skip
+        )
         reddit = make_reddit(settings, limiter)
         try:
             result = await scrape_subreddit(reddit, subreddit, marks or {}, **kwargs)
@@ -81,7 +83,9 @@ def test_mapping_of_submissions_and_comments(settings, simulator, redis_client):
 
     result, _ = scrape(settings, name)
 
-    by_type = {t: [e for e in result.events if e.event_type == t] for t in ("submission", "comment")}
+    by_type = {
+        t: [e for e in result.events if e.event_type == t] for t in ("submission", "comment")
+    }
     assert len(by_type["submission"]) == 3 and len(by_type["comment"]) == 4
     for event in result.events:
         assert event.source == "reddit"
@@ -99,13 +103,17 @@ def test_first_run_backfills_to_the_depth_and_reports_no_gap(settings, simulator
 
     submissions = [e for e in result.events if e.event_type == "submission"]
     assert len(submissions) == 1000
-    newest = sorted((i["id"] for i in simulator.items(name, "submissions")), key=lambda i: int(i, 36))
+    newest = sorted(
+        (i["id"] for i in simulator.items(name, "submissions")), key=lambda i: int(i, 36)
+    )
     assert {e.id for e in submissions} == set(newest[-1000:])
     assert result.gaps == []
     assert requests >= 11  # 10 pages of submissions, 1 of comments (and the token)
 
 
-def test_a_watermark_beyond_the_listing_depth_is_reported_as_a_gap(settings, simulator, redis_client):
+def test_a_watermark_beyond_the_listing_depth_is_reported_as_a_gap(
+    settings, simulator, redis_client
+):
     name = _name("gap")
     simulator.add_subreddit(name, submissions=20, comments=20)
     first, _ = scrape(settings, name)
@@ -151,11 +159,14 @@ def test_bad_credentials_give_a_clear_error(settings, simulator, redis_client):
         scrape(wrong, name)
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("private", "is private (403)"),
-    ("quarantined", "is quarantined (403)"),
-    ("banned", "is banned (404)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("private", "is private (403)"),
+        ("quarantined", "is quarantined (403)"),
+        ("banned", "is banned (404)"),
+    ],
+)
 def test_unreadable_subreddits_give_clear_errors(settings, simulator, redis_client, kind, message):
     name = _name(kind[:4])
     simulator.add_subreddit(name, kind=kind, submissions=2)
@@ -189,4 +200,7 @@ def test_adversarial_content_is_scraped_and_stored(settings, simulator, redis_cl
     texts = [str(e.payload) for e in result.events]
     assert not any("\x00" in t for t in texts)
     assert any("\ufffd" in t for t in texts)  # the lone surrogate, replaced
-    assert any(len(e.payload.get("body", "") or e.payload.get("selftext", "")) >= 200_000 for e in result.events)
+    assert any(
+        len(e.payload.get("body", "") or e.payload.get("selftext", "")) >= 200_000
+        for e in result.events
+    )

@@ -29,7 +29,7 @@ def test_new_events_are_stored_and_returned(db):
 
 
 def test_payload_and_columns_round_trip(db):
-    event = make_event(title="ünïcødé 🚀 \"quoted\"\n\ttabbed \\ backslash")
+    event = make_event(title='ünïcødé 🚀 "quoted"\n\ttabbed \\ backslash')
 
     insert_batch([event])
 
@@ -107,7 +107,8 @@ def test_two_processes_inserting_overlapping_batches_store_each_event_once(db):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
         counts = pool.map(
-            _insert_in_child, [[e.model_dump_json() for e in left], [e.model_dump_json() for e in right]]
+            _insert_in_child,
+            [[e.model_dump_json() for e in left], [e.model_dump_json() for e in right]],
         )
 
     assert sum(counts) == 2000
@@ -119,9 +120,13 @@ def test_poison_record_is_quarantined_and_the_rest_stored(db):
     # Built without validation, as a buggy scraper might: PostgreSQL refuses a
     # NUL in jsonb, and the record must not take its 99 neighbours down with it.
     poison = RawEventDTO.model_construct(
-        id="zzz999", occurred_at=datetime.now(UTC), source="reddit", source_id="wallstreetbets",
-        event_type="submission", payload={"title": "bad\x00byte"},
-    )  # fmt: skip
+        id="zzz999",
+        occurred_at=datetime.now(UTC),
+        source="reddit",
+        source_id="wallstreetbets",
+        event_type="submission",
+        payload={"title": "bad\x00byte"},
+    )
     batch = good[:50] + [poison] + good[50:]
 
     result = insert_batch(batch)
@@ -140,9 +145,13 @@ def test_two_poison_records_in_a_large_batch(db):
     good = make_events(500)
     bad = [
         RawEventDTO.model_construct(
-            id=f"bad{i}", occurred_at=datetime.now(UTC), source="reddit", source_id="stocks",
-            event_type="comment", payload={"body": "\x00"},
-        )  # fmt: skip
+            id=f"bad{i}",
+            occurred_at=datetime.now(UTC),
+            source="reddit",
+            source_id="stocks",
+            event_type="comment",
+            payload={"body": "\x00"},
+        )
         for i in range(2)
     ]
 
@@ -182,9 +191,13 @@ def test_a_batch_run_again_hands_on_the_same_new_rows(db):
 
 def test_a_rejected_record_is_quarantined_once_across_reruns(db):
     poison = RawEventDTO.model_construct(
-        id="zzz998", occurred_at=datetime.now(UTC), source="reddit", source_id="stocks",
-        event_type="comment", payload={"body": "\x00"},
-    )  # fmt: skip
+        id="zzz998",
+        occurred_at=datetime.now(UTC),
+        source="reddit",
+        source_id="stocks",
+        event_type="comment",
+        payload={"body": "\x00"},
+    )
     batch = [*make_events(20), poison]
 
     first = insert_batch(batch, batch_id="b")
