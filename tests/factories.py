@@ -83,3 +83,15 @@ def make_event(
 
 def make_events(count: int, **kwargs: Any) -> list[RawEventDTO]:
     return [make_event(**kwargs) for _ in range(count)]
+
+
+def make_poison(*, event_id: str, payload: dict[str, Any] | None = None) -> RawEventDTO:
+    """An event built without validation, as a buggy scraper might: PostgreSQL refuses its NUL."""
+    return RawEventDTO.model_construct(
+        id=event_id,
+        occurred_at=datetime.now(UTC),
+        source="reddit",
+        source_id="stocks",
+        event_type="comment",
+        payload=payload or {"body": "\x00"},
+    )

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from sentiment.dto import RawEventDTO
 from sentiment.sinks.postgres import insert_batch
-from tests.factories import make_event, make_events
+from tests.factories import make_event, make_events, make_poison
 
 
 def _stored_keys(engine) -> list[tuple[str, datetime]]:
@@ -119,14 +119,7 @@ def test_poison_record_is_quarantined_and_the_rest_stored(db):
     good = make_events(99)
     # Built without validation, as a buggy scraper might: PostgreSQL refuses a
     # NUL in jsonb, and the record must not take its 99 neighbours down with it.
-    poison = RawEventDTO.model_construct(
-        id="zzz999",
-        occurred_at=datetime.now(UTC),
-        source="reddit",
-        source_id="wallstreetbets",
-        event_type="submission",
-        payload={"title": "bad\x00byte"},
-    )
+    poison = make_poison(event_id="zzz999", payload={"title": "bad\x00byte"})
     batch = good[:50] + [poison] + good[50:]
 
     result = insert_batch(batch)
@@ -143,17 +136,7 @@ def test_poison_record_is_quarantined_and_the_rest_stored(db):
 
 def test_two_poison_records_in_a_large_batch(db):
     good = make_events(500)
-    bad = [
-        RawEventDTO.model_construct(
-            id=f"bad{i}",
-            occurred_at=datetime.now(UTC),
-            source="reddit",
-            source_id="stocks",
-            event_type="comment",
-            payload={"body": "\x00"},
-        )
-        for i in range(2)
-    ]
+    bad = [make_poison(event_id=f"bad{i}") for i in range(2)]
 
     result = insert_batch(good[:100] + [bad[0]] + good[100:400] + [bad[1]] + good[400:])
 
@@ -190,14 +173,7 @@ def test_a_batch_run_again_hands_on_the_same_new_rows(db):
 
 
 def test_a_rejected_record_is_quarantined_once_across_reruns(db):
-    poison = RawEventDTO.model_construct(
-        id="zzz998",
-        occurred_at=datetime.now(UTC),
-        source="reddit",
-        source_id="stocks",
-        event_type="comment",
-        payload={"body": "\x00"},
-    )
+    poison = make_poison(event_id="zzz998")
     batch = [*make_events(20), poison]
 
     first = insert_batch(batch, batch_id="b")
