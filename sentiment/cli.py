@@ -188,21 +188,22 @@ def reddit_check() -> None:
     from sentiment.reddit.client import make_sync_reddit
 
     settings = get_settings()
+    if not settings.subreddits:
+        _fail("no subreddits to check: set SUBREDDITS, e.g. SUBREDDITS=wallstreetbets,stocks")
     reddit = make_sync_reddit(settings)
     table = Table("subreddit", "status")
     failures = 0
-    try:
-        reddit.subreddit("announcements").id  # noqa: B018 - forces a token and one request
-    except (prawcore.OAuthException, prawcore.ResponseException) as exc:
-        _fail(
-            f"Reddit refused the credentials ({exc}): "
-            "check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET"
-        )
     for sub in settings.subreddits:
         try:
             about = reddit.subreddit(sub.name)
             table.add_row(sub.name, f"ok, {about.subscribers:,} subscribers")
         except prawcore.PrawcoreException as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if isinstance(exc, prawcore.OAuthException) or status == 401:
+                _fail(
+                    f"Reddit refused the credentials ({exc}): "
+                    "check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET"
+                )
             failures += 1
             table.add_row(sub.name, f"[red]{type(exc).__name__}[/red]: {exc}")
     console.print(table)

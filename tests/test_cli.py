@@ -97,3 +97,28 @@ def test_scrape_refuses_an_invalid_name_before_enqueuing(settings):
 
     assert result.returncode == 1
     assert "not a valid subreddit name" in result.stdout
+
+
+def test_reddit_check_reports_each_subreddit(settings, simulator):
+    simulator.add_subreddit("checkme_ok", submissions=1, subscribers=1234)
+    simulator.add_subreddit("checkme_priv", kind="private")
+    simulator.add_subreddit("checkme_ban", kind="banned")
+
+    good = _sentiment("reddit", "check", env={"SUBREDDITS": "checkme_ok"})
+    bad = _sentiment("reddit", "check", env={"SUBREDDITS": "checkme_ok,checkme_priv,checkme_ban"})
+
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "1,234 subscribers" in good.stdout
+    assert bad.returncode == 1
+    assert "Forbidden" in bad.stdout
+    assert "NotFound" in bad.stdout
+
+
+def test_reddit_check_with_bad_credentials(settings, simulator):
+    simulator.add_subreddit("checkme_auth")
+    result = _sentiment(
+        "reddit", "check", env={"REDDIT_CLIENT_SECRET": "wrong", "SUBREDDITS": "checkme_auth"}
+    )
+
+    assert result.returncode == 1
+    assert "Reddit refused the credentials" in result.stdout
