@@ -9,6 +9,7 @@
      │    ├── RedditAuthError       401: bad credentials, not retried
      │    └── SubredditUnavailable  403/404: private, quarantined, banned or missing
      ├── InvalidSubreddit           the name breaks Reddit's rules; nothing was requested
+     ├── CsvLedgerCorrupt           a CSV file no longer matches its ledger: a person must look
      └── ScrapeInProgress           another scrape of the subreddit holds its lock
 
 Whether an error is worth retrying comes from its class (`retryable`), never
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "CsvLedgerCorrupt",
     "InvalidSubreddit",
     "RedditAuthError",
     "RedditError",
@@ -49,6 +51,10 @@ class ServiceUnavailable(SentimentError):
 
 class InvalidSubreddit(SentimentError, ValueError):
     """The subreddit name breaks Reddit's naming rules."""
+
+
+class CsvLedgerCorrupt(SentimentError):
+    """A CSV file no longer matches its ledger (edited, truncated or damaged by hand)."""
 
 
 class ScrapeInProgress(SentimentError):

@@ -1,0 +1,401 @@
+"""The CSV sink against real files: format, safety, and exactly-once under crashes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sentiment.dto import RawEventDTO, dump_events
+from sentiment.errors import ServiceUnavailable
+from sentiment.sinks.csv import COLUMNS, CsvLedgerCorrupt, export_events
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+# Written independently of the module on purpose: OWASP's list plus full-width forms.
+TRIGGERS = "=+-@\t\r\uff1d\uff0b\uff0d\uff20"
+_serial = iter(range(36**4, 36**6))
+
+
+def base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while number or not out:
+        number, rem = divmod(number, 36)
+        out = digits[rem] + out
+    return out
+
+
+def make(
+    *, sub: str = "wallstreetbets", at: datetime = DAY, kind: str = "submission", **payload: Any
+) -> RawEventDTO:
+    event_id = base36(next(_serial))
+    body_key = "selftext" if kind == "submission" else "body"
+    defaults = {"id": event_id, "author": "alice", body_key: f"text of {event_id}", "score": 7}
+    return RawEventDTO(
+        id=event_id, occurred_at=at, source_id=sub, event_type=kind, payload=defaults | payload
+    )
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, strict=True))
+    assert rows[0] == list(COLUMNS)
+    assert all(len(r) == len(COLUMNS) for r in rows), "a torn or malformed line"
+    return [dict(zip(COLUMNS, r, strict=True)) for r in rows[1:]]
+
+
+def day_file(csv_dir: Path, sub: str = "wallstreetbets", day: str = "2024-03-01") -> Path:
+    return csv_dir / "reddit" / sub / f"{day}.csv"
+
+
+def neutral(text: str) -> str:
+    return "'" + text if text[:1] and text[0] in TRIGGERS else text
+
+
+# -- format -------------------------------------------------------------------
+
+
+def test_submission_row_has_every_column(tmp_path):
+    event = make(
+        sub="WallStreetBets", title="GME", selftext="to the moon\nand back, \"really\"",
+        score=42, permalink="/r/wallstreetbets/comments/abc/gme/", url="https://example.com/x",
+        at=datetime(2024, 3, 1, 9, 30, 5, 123, tzinfo=UTC),
+    )  # fmt: skip
+
+    result = export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    path = day_file(tmp_path)
+    assert (result.written, result.files) == (1, (path.resolve(),))
+    assert path.read_bytes().startswith(b"id,occurred_at,source,source_id,event_type,author,")
+    (row,) = read(path)
+    assert row == {
+        "id": event.id, "occurred_at": "2024-03-01T09:30:05.000123Z", "source": "reddit",
+        "source_id": "wallstreetbets", "event_type": "submission", "author": "alice",
+        "title": "GME", "body": "to the moon\nand back, \"really\"", "score": "42",
+        "permalink": "https://www.reddit.com/r/wallstreetbets/comments/abc/gme/",
+        "url": "https://example.com/x", "payload": row["payload"],
+    }  # fmt: skip
+    assert orjson.loads(row["payload"]) == event.payload
+
+
+def test_comment_row_takes_body_and_leaves_missing_fields_empty(tmp_path):
+    event = make(kind="comment", body="nice", permalink="/r/x/comments/a/b/c/", author=None)
+
+    export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    (row,) = read(day_file(tmp_path))
+    assert (row["body"], row["title"], row["url"], row["author"]) == ("nice", "", "", "")
+    assert row["permalink"] == "https://www.reddit.com/r/x/comments/a/b/c/"
+    assert row["event_type"] == "comment"
+
+
+def test_rows_are_split_by_subreddit_and_utc_day(tmp_path):
+    midnight = datetime(2024, 3, 2, tzinfo=UTC)
+    events = [
+        make(at=midnight - timedelta(microseconds=1)),
+        make(at=midnight),
+        make(at=datetime(2024, 3, 1, 23, 30, tzinfo=timezone(-HOUR * 2))),  # 01:30Z
+        make(sub="stocks", at=midnight),
+        RawEventDTO.model_construct(  # skipped validation: still -02:00, not UTC
+            **(vars(make()) | {"occurred_at": datetime(2024, 3, 1, 22, tzinfo=timezone(-HOUR * 2))})
+        ),
+    ]
+
+    result = export_events(events, csv_dir=tmp_path, batch_id="b1")
+
+    first, second = day_file(tmp_path), day_file(tmp_path, day="2024-03-02")
+    stocks = day_file(tmp_path, "stocks", "2024-03-02")
+    assert set(result.files) == {p.resolve() for p in (first, second, stocks)}
+    assert [r["id"] for r in read(first)] == [events[0].id]
+    assert [r["id"] for r in read(second)] == [events[1].id, events[2].id, events[4].id]
+    assert [r["occurred_at"] for r in read(second)] == [
+        "2024-03-02T00:00:00.000000Z", "2024-03-02T01:30:00.000000Z", "2024-03-02T00:00:00.000000Z"
+    ]  # fmt: skip
+    assert [r["id"] for r in read(stocks)] == [events[3].id]
+    assert (result.written, result.skipped, result.rejected) == (5, 0, 0)
+
+
+@pytest.mark.parametrize("trigger", list(TRIGGERS))
+def test_formula_cells_are_neutralised(tmp_path, trigger):
+    value = f'{trigger}HYPERLINK("http://evil","x")'
+    event = make(author=value, title=value, selftext=value, url=value, permalink=value, score=-5)
+
+    export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    (row,) = read(day_file(tmp_path))
+    for column in ("author", "title", "body", "url", "permalink"):
+        assert row[column] == "'" + value
+    assert row["score"] == "-5"  # a number, not a formula
+    assert orjson.loads(row["payload"])["title"] == value  # the raw JSON keeps the original
+
+
+def test_harmless_text_is_left_alone(tmp_path):
+    event = make(title="a=b+c-d@e", selftext=" =not a formula", score="-12345678901234567890")
+
+    export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    (row,) = read(day_file(tmp_path))
+    assert (row["title"], row["body"]) == ("a=b+c-d@e", " =not a formula")
+    assert row["score"] == "-12345678901234567890"  # a huge int the DTO turned into a string
+
+
+# -- path safety and bad rows -------------------------------------------------
+
+
+def test_rows_that_skipped_validation_are_refused_and_others_written(tmp_path):
+    good = [make(), make(sub="stocks")]
+    bad = [
+        RawEventDTO.model_construct(**(vars(good[0]) | {"source_id": "../../etc"})),
+        RawEventDTO.model_construct(**(vars(good[0]) | {"source_id": "a/b"})),
+        RawEventDTO.model_construct(**(vars(good[0]) | {"id": "=cmd|calc"})),
+        RawEventDTO.model_construct(**(vars(good[0]) | {"payload": "not a dict"})),
+        RawEventDTO.model_construct(**(vars(good[0]) | {"occurred_at": "yesterday"})),
+    ]
+    csv_dir = tmp_path / "csv"
+
+    result = export_events([bad[0], good[0], *bad[1:], good[1]], csv_dir=csv_dir, batch_id="b1")
+
+    assert (result.written, result.rejected) == (2, 5)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.csv"))
+    assert written == [Path("csv/reddit/stocks/2024-03-01.csv"),
+                       Path("csv/reddit/wallstreetbets/2024-03-01.csv")]  # fmt: skip
+
+
+def test_a_symlink_out_of_csv_dir_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "csv" / "reddit").mkdir(parents=True)
+    (tmp_path / "csv" / "reddit" / "evil").symlink_to(outside)
+
+    result = export_events([make(sub="evil"), make()], csv_dir=tmp_path / "csv", batch_id="b1")
+
+    assert (result.written, result.rejected) == (1, 1)
+    assert list(outside.iterdir()) == []
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+def test_disk_errors_are_retryable_service_unavailable(tmp_path):
+    (tmp_path / "reddit").write_text("a file where a directory must be")
+
+    with pytest.raises(ServiceUnavailable, match="reddit") as info:
+        export_events([make()], csv_dir=tmp_path, batch_id="b1")
+
+    assert info.value.retryable
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def _truncate_csv(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 3)
+
+
+def _delete_ledger(path: Path) -> None:
+    Path(f"{path}.ledger").unlink()
+
+
+def _garble_ledger(path: Path) -> None:
+    ledger = Path(f"{path}.ledger")
+    ledger.write_bytes(b"not json\n" + ledger.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_truncate_csv, "move both files aside"),
+        (_delete_ledger, "has no ledger"),
+        (_garble_ledger, "bad record at byte 0"),
+    ],
+)
+def test_a_damaged_file_is_reported_after_the_other_files_are_written(tmp_path, damage, message):
+    export_events([make(), make()], csv_dir=tmp_path, batch_id="b1")
+    path = day_file(tmp_path)
+    damage(path)
+    before = path.read_bytes()
+    other = make(sub="stocks")
+
+    with pytest.raises(CsvLedgerCorrupt, match=message):
+        export_events([make(), other], csv_dir=tmp_path, batch_id="b2")
+
+    assert path.read_bytes() == before  # left for a person to look at, never cut
+    assert [r["id"] for r in read(day_file(tmp_path, "stocks"))] == [other.id]
+
+
+# -- exactly once ---------------------------------------------------------------
+
+
+def test_rerunning_a_batch_writes_nothing_twice(tmp_path):
+    events = [make(), make(), make(sub="stocks")]
+    first = export_events(events, csv_dir=tmp_path, batch_id="b1")
+    before = day_file(tmp_path).read_bytes()
+
+    again = export_events(events, csv_dir=tmp_path, batch_id="b1")
+    later = export_events([make()], csv_dir=tmp_path, batch_id="b2")
+
+    assert (first.written, first.skipped) == (3, 0)
+    assert (again.written, again.skipped, again.files) == (0, 3, first.files)
+    assert later.written == 1
+    assert day_file(tmp_path).read_bytes().startswith(before)
+    assert len(read(day_file(tmp_path))) == 3  # one header, no repeated rows
+
+
+CHILD = """
+import os, signal, sys
+from pathlib import Path
+from sentiment.dto import load_events
+from sentiment.sinks import csv as sink
+
+csv_dir, batch_dir, target, how, threads = sys.argv[1:]
+real = sink._write_chunk
+sink._THREADS = int(threads)
+
+def crashing(fd, data, offset):  # die while writing to `target` (a CSV or a ledger)
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(target):
+        real(fd, data[: len(data) // 2] if how == "half" else b"", offset)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(fd, data, offset)
+
+if target:
+    sink._write_chunk = crashing
+for batch in sorted(Path(batch_dir).iterdir()):
+    sink.export_events(load_events(batch.read_bytes()), csv_dir=Path(csv_dir), batch_id=batch.stem)
+"""
+
+
+def start_child(
+    csv_dir: Path,
+    batches: dict[str, list[RawEventDTO]],
+    crash: str = "",
+    how: str = "",
+    threads: int = 8,
+) -> subprocess.Popen[bytes]:
+    """Export `batches` in another process, as the pipeline does: from dump_events blobs."""
+    batch_dir = Path(tempfile.mkdtemp(dir=csv_dir.parent))
+    for name, events in batches.items():
+        (batch_dir / f"{name}.jsonl").write_bytes(dump_events(events))
+    argv = [sys.executable, "-c", CHILD, str(csv_dir), str(batch_dir), crash, how, str(threads)]
+    return subprocess.Popen(argv, cwd=ROOT)
+
+
+def assert_exactly_once(paths: list[Path], events: list[RawEventDTO]) -> None:
+    ids = Counter(r["id"] for p in paths for r in read(p))
+    assert ids == Counter(e.id for e in events)
+    for path in paths:
+        for row in read(path):
+            assert orjson.loads(row["payload"])["id"] == row["id"]
+
+
+def test_processes_appending_to_one_file_at_once_never_tear_or_lose_lines(tmp_path):
+    csv_dir = tmp_path / "csv"
+    rounds = {
+        who: {f"{who}{n:03}": [make(at=DAY + timedelta(hours=n % 2 * 12), title=f"{who},\n\"{n}")
+                               for _ in range(25)] for n in range(60)}
+        for who in ("a", "b", "c")
+    }  # fmt: skip
+    children = [start_child(csv_dir, batches) for batches in rounds.values()]
+
+    assert [child.wait(timeout=60) for child in children] == [0, 0, 0]
+
+    events = [e for batches in rounds.values() for b in batches.values() for e in b]
+    paths = [day_file(csv_dir), day_file(csv_dir, day="2024-03-02")]
+    assert_exactly_once(paths, events)
+    assert export_events(events[:25], csv_dir=csv_dir, batch_id="a000").skipped == 25
+
+
+STOCKS, WSB = "/stocks/2024-03-01.csv", "/wallstreetbets/2024-03-01.csv"
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [  # (file written when killed, how far the write got, threads, rows already committed)
+        pytest.param((STOCKS, "half", 1, 0), id="half-the-rows"),
+        pytest.param((STOCKS + ".ledger", "none", 1, 0), id="rows-synced-no-commit"),
+        pytest.param((STOCKS + ".ledger", "half", 1, 0), id="half-the-commit-record"),
+        pytest.param((WSB, "half", 1, 300), id="first-file-committed-second-half"),
+        pytest.param((WSB, "half", 8, None), id="files-side-by-side-other-in-any-state"),
+    ],
+)
+@pytest.mark.parametrize("other_batch_first", [False, True], ids=["rerun", "other-batch-first"])
+def test_a_killed_export_is_completed_by_its_rerun(tmp_path, scenario, other_batch_first):
+    crash, how, threads, skipped = scenario
+    csv_dir = tmp_path / "csv"
+    earlier = [make(sub="stocks"), make()]
+    export_events(earlier, csv_dir=csv_dir, batch_id="b0")
+    crashed = [make(sub="stocks", title=f"row {i}\nline two") for i in range(300)]
+    crashed += [make(title="x" * 5000) for _ in range(300)]
+    later = [make(), make(sub="stocks")]
+    paths = [day_file(csv_dir, "stocks"), day_file(csv_dir)]
+    torn = paths[0] if crash.startswith(STOCKS) else paths[1]
+    size = torn.stat().st_size
+
+    child = start_child(csv_dir, {"b1": crashed}, crash=crash, how=how, threads=threads)
+
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    assert torn.stat().st_size > size  # it died with rows on disk
+    if other_batch_first:  # another batch reaches the files before the re-run
+        assert export_events(later, csv_dir=csv_dir, batch_id="b2").written == 2
+        if skipped is not None:  # the torn tail is gone, committed rows stay
+            committed = [e for e in crashed if e.source_id == "stocks"] if skipped else []
+            assert_exactly_once(paths, earlier + committed + later)
+    result = export_events(crashed, csv_dir=csv_dir, batch_id="b1")
+    assert result.written + result.skipped == 600
+    assert result.written >= 300
+    if skipped is not None:
+        assert result.skipped == skipped
+    if not other_batch_first:
+        export_events(later, csv_dir=csv_dir, batch_id="b2")
+    assert_exactly_once(paths, earlier + crashed + later)
+
+
+# -- round trip -------------------------------------------------------------------
+
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+TRICKY = st.sampled_from(
+    [
+        "=1+1",
+        "+1",
+        "-1",
+        "@SUM(A1)",
+        "\t=x",
+        "\r\n=x",
+        '"',
+        ",",
+        "\r",
+        "",
+        "\x00=",
+        "=\udfff",
+        "\ud800",
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    title=st.one_of(ANY_TEXT, TRICKY, st.builds(str.__add__, TRICKY, ANY_TEXT)),
+    body=st.one_of(ANY_TEXT, TRICKY),
+    author=st.one_of(ANY_TEXT, TRICKY),
+)
+def test_any_text_round_trips(title, body, author):
+    event = make(title=title, selftext=body, author=author)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_events([event], csv_dir=Path(tmp), batch_id="b1")
+        (row,) = read(day_file(Path(tmp)))
+    cleaned = event.payload  # the DTO has already dropped NULs and replaced lone surrogates
+    assert row["title"] == neutral(cleaned["title"])
+    assert row["body"] == neutral(cleaned["selftext"])
+    assert row["author"] == neutral(cleaned["author"])
+    assert orjson.loads(row["payload"]) == cleaned
