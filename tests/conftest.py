@@ -182,8 +182,8 @@ def worker_factory(settings: Settings, simulator):  # type: ignore[no-untyped-de
 
     def start(**kwargs):  # type: ignore[no-untyped-def]
         worker = CeleryWorker(**kwargs)
+        workers.append(worker)  # before start(): a worker that fails to come up is stopped too
         worker.start()
-        workers.append(worker)
         return worker
 
     yield start

@@ -83,14 +83,22 @@ class CeleryWorker(CeleryProcess):
 
     def start(self, timeout: float = 60) -> None:
         super().start()
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
         from sentiment.celery_app import app
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"worker exited at start-up:\n{self.output()[-3000:]}")
-            if app.control.ping(destination=[self.hostname], timeout=0.5):
-                return
+            try:
+                # A fresh connection each time: a pooled one may predate a Redis restart.
+                with app.connection_for_write() as connection:
+                    if app.control.ping([self.hostname], timeout=0.5, connection=connection):
+                        return
+            except (OperationalError, RedisConnectionError):
+                time.sleep(0.5)
         raise RuntimeError(f"worker not ready after {timeout}s:\n{self.output()[-3000:]}")
 
 
