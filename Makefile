@@ -30,8 +30,8 @@ bench: $(STAMP) ## run the benchmarks; each prints its ratio against a baseline 
 	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
 
 lint: $(STAMP) ## ruff, mypy, and `alembic check` (models and migrations agree)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check sentiment tests bench alembic celeryconfig.py
+	$(BIN)/ruff format --check sentiment tests bench alembic celeryconfig.py
 	$(BIN)/mypy sentiment celeryconfig.py
 	$(BIN)/sentiment migrate --check
 

@@ -15,14 +15,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from sentiment.config import get_settings
+from sentiment.config import Settings, get_settings
 from sentiment.errors import ConfigError, SentimentError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = ["app"]
 
@@ -114,6 +117,7 @@ def migrate(
 ) -> None:
     """Apply migrations (alembic upgrade head), starting embedded servers if needed."""
     from alembic.config import Config
+    from alembic.util import CommandError
 
     from alembic import command
     from sentiment.embedded import ensure_services
@@ -121,11 +125,41 @@ def migrate(
     settings = get_settings()
     ensure_services(settings)
     config = Config(str(ROOT / "alembic.ini"))
-    if check:
-        command.check(config)
-    else:
+    if not check:
         command.upgrade(config, "head")
         console.print("database is at the newest migration")
+        return
+    try:
+        _check_in_scratch_database(settings, config)
+    except CommandError as exc:
+        _fail(f"models and migrations disagree: {exc}")
+    console.print("models and migrations agree")
+
+
+def _check_in_scratch_database(settings: Settings, config: Config) -> None:
+    """`alembic check` against a throwaway database migrated to head."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from alembic import command
+
+    name = f"{settings.pg_db}_check_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(settings.database_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    scratch = create_engine(make_url(settings.database_url()).set(database=name))
+    try:
+        with scratch.connect() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            command.check(config)
+    finally:
+        scratch.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @services_app.command("start")

@@ -122,3 +122,10 @@ def test_reddit_check_with_bad_credentials(settings, simulator):
 
     assert result.returncode == 1
     assert "Reddit refused the credentials" in result.stdout
+
+
+def test_migrate_check_compares_models_and_migrations(settings):
+    result = _sentiment("migrate", "--check")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "models and migrations agree" in result.stdout
