@@ -284,6 +284,8 @@ def _reject(conn: psycopg.Connection[Any], event: RawEventDTO, exc: psycopg.Erro
 
 
 def _unavailable(exc: BaseException) -> ServiceUnavailable:
+    # psycopg counts deadlocks and lock or statement timeouts as operational too:
+    # name what happened, since every one of them is worth a retry.
     return ServiceUnavailable(
-        f"PostgreSQL is unavailable ({type(exc).__name__}); the batch will be retried"
+        f"PostgreSQL could not take the batch now ({type(exc).__name__}); it will be retried"
     )
