@@ -253,3 +253,52 @@ def test_beat_scrapes_each_subreddit_on_its_schedule(worker, simulator, db, csv_
     finally:
         beat.stop()
     assert sorted(_csv_ids(csv_dir)) == sorted(_stored_ids(db))
+
+
+def test_flower_serves_the_broker_behind_basic_auth(worker, settings):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import _free_port
+    from tests.processes import CeleryProcess
+
+    port = _free_port()
+    flower = CeleryProcess(
+        "flower",
+        ["flower", "--address=127.0.0.1", f"--port={port}"],
+        {"FLOWER_BASIC_AUTH": "admin:s3cret"},
+    )
+    flower.start()
+    url = f"http://127.0.0.1:{port}/api/workers"
+    try:
+
+        def get(auth: str | None) -> tuple[int, bytes]:
+            request = urllib.request.Request(url)
+            if auth:
+                request.add_header(
+                    "Authorization", "Basic " + base64.b64encode(auth.encode()).decode()
+                )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, b""
+
+        _wait_until(lambda: _reachable(port), 30, "Flower to listen")
+        assert get(None)[0] == 401
+        assert get("admin:wrong")[0] == 401
+        _wait_until(
+            lambda: worker.hostname.encode() in get("admin:s3cret")[1],
+            30,
+            "Flower to see the worker",
+        )
+    finally:
+        flower.stop()
+
+
+def _reachable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
