@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
 from sentiment.config import Settings, get_settings
 
-__all__ = ["database_unavailable", "get_engine", "make_engine", "session_scope"]
+__all__ = ["get_engine", "make_engine"]
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -50,22 +46,3 @@ def _dispose_after_fork(engine: Engine) -> None:
 def get_engine() -> Engine:
     """The process-wide engine (`get_engine.cache_clear()` after changing settings)."""
     return make_engine(get_settings())
-
-
-@lru_cache(maxsize=1)
-def _session_factory() -> sessionmaker[Session]:
-    return sessionmaker(get_engine(), expire_on_commit=False)
-
-
-@contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session in a transaction: committed on success, rolled back on error."""
-    with _session_factory().begin() as session:
-        yield session
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """True when `exc` means the server is down or unreachable, not that the SQL is wrong."""
-    if isinstance(exc, OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -331,10 +330,3 @@ def stop_services(settings: Settings, which: list[str] | None = None) -> None:
         embedded_redis(settings).stop()
     if settings.uses_embedded_postgres and (which is None or "postgres" in which):
         embedded_postgres(settings).stop()
-
-
-def remove_data(settings: Settings) -> None:
-    """Delete the embedded servers' data (after stopping them)."""
-    stop_services(settings)
-    shutil.rmtree(settings.data_dir / "postgres", ignore_errors=True)
-    shutil.rmtree(settings.data_dir / "redis", ignore_errors=True)

@@ -9,8 +9,7 @@
      │    ├── RedditAuthError       401: bad credentials, not retried
      │    └── SubredditUnavailable  403/404: private, quarantined, banned or missing
      ├── InvalidSubreddit           the name breaks Reddit's rules; nothing was requested
-     ├── CsvLedgerCorrupt           a CSV file no longer matches its ledger: a person must look
-     └── ScrapeInProgress           another scrape of the subreddit holds its lock
+     └── CsvLedgerCorrupt           a CSV file no longer matches its ledger: a person must look
 
 Whether an error is worth retrying comes from its class (`retryable`), never
 from parsing messages.
@@ -26,7 +25,6 @@ __all__ = [
     "RedditError",
     "RedditRateLimited",
     "RedditUnavailable",
-    "ScrapeInProgress",
     "SentimentError",
     "ServiceUnavailable",
     "SubredditUnavailable",
@@ -55,10 +53,6 @@ class InvalidSubreddit(SentimentError, ValueError):
 
 class CsvLedgerCorrupt(SentimentError):
     """A CSV file no longer matches its ledger (edited, truncated or damaged by hand)."""
-
-
-class ScrapeInProgress(SentimentError):
-    """Another worker is scraping this subreddit; this run was skipped."""
 
 
 class RedditError(SentimentError):

@@ -210,16 +210,3 @@ def record_run(
         fields["error"] = error
         fields["error_at"] = fields["at"]
     get_redis().hset(f"sentiment:runs:{subreddit}", mapping=fields)
-
-
-def last_runs(subreddits: list[str]) -> dict[str, dict[str, Any]]:
-    client = get_redis()
-    runs = {}
-    for name in subreddits:
-        raw: dict[str, Any] = {
-            _text(k): _text(v) for k, v in client.hgetall(f"sentiment:runs:{name}").items()
-        }
-        if "summary" in raw:
-            raw["summary"] = json.loads(raw["summary"])
-        runs[name] = raw
-    return runs

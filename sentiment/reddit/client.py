@@ -16,7 +16,6 @@ import aiohttp
 import asyncpraw
 import asyncprawcore
 import praw
-from asyncprawcore import exceptions as core_errors
 
 from sentiment.config import Settings
 from sentiment.errors import (
@@ -153,7 +152,3 @@ async def _reason(exc: BaseException) -> str | None:
     except Exception:  # noqa: BLE001 - the body is a courtesy; the status decides
         return None
     return body.get("reason") if isinstance(body, dict) else None
-
-
-# Errors of asyncprawcore that say Reddit or the network failed in passing.
-TRANSIENT = (core_errors.ServerError, core_errors.RequestException, core_errors.BadJSON)
