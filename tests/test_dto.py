@@ -108,3 +108,40 @@ def test_any_unicode_round_trips_through_the_database(db, title, body, author):
         stored = conn.execute(text("SELECT payload FROM raw_events")).scalar_one()
     assert stored == event.payload
     assert "\x00" not in stored["title"]
+
+
+def test_from_reddit_builds_what_validation_builds():
+    for payload in (
+        {"id": "abc123", "created_utc": 1_700_000_000.5, "title": "ok"},
+        {"id": "t3_ABC125", "created_utc": 1_700_000_000, "title": "fullname, upper case"},
+        {
+            "id": "abc124",
+            "created_utc": 1_700_000_001,
+            "title": "a\x00b",
+            "x": "\ud800",
+            "n": 2**70,
+        },
+    ):
+        fast = RawEventDTO.from_reddit(payload, "stocks", "submission")
+        slow = RawEventDTO(
+            id=payload["id"], occurred_at=payload["created_utc"], source_id="stocks",
+            event_type="submission", payload=payload,
+        )  # fmt: skip
+        assert fast == slow
+        assert fast.occurred_at.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"id": "NOT an id", "created_utc": 1.0},
+        {"id": "abc", "created_utc": "yesterday"},
+        {"id": "abc", "created_utc": float("inf")},
+        {"id": "abc", "created_utc": True},
+        {"id": "abc"},
+        {"created_utc": 1.0},
+    ],
+)
+def test_from_reddit_refuses_malformed_items(item):
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        RawEventDTO.from_reddit(item, "stocks", "comment")

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpraw
-from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from sentiment.config import valid_subreddit
@@ -194,13 +193,7 @@ async def _fetch_page(
 
 def _to_event(item: dict[str, Any], subreddit: str, kind: Kind) -> RawEventDTO | None:
     try:
-        return RawEventDTO(
-            id=item["id"],
-            occurred_at=item["created_utc"],
-            source_id=subreddit,
-            event_type=kind,
-            payload=item,
-        )
-    except (KeyError, TypeError, ValueError, ValidationError):
+        return RawEventDTO.from_reddit(item, subreddit, kind)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
         log.info("skipped a malformed %s in r/%s", kind, subreddit, extra={"subreddit": subreddit})
         return None
