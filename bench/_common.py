@@ -363,3 +363,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
     return numerator / denominator
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so a benchmark's cleanup (finally) runs when killed."""
+    import signal
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)

@@ -814,13 +814,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # cleanup (finally) runs on kill too
+    _common.exit_on_sigterm()
     # The shared limiter still takes a token per request, but with a budget this run
     # never reaches (Settings' maximum, per second): the simulator has no rate limit.
     os.environ.update(REDDIT_RATELIMIT_REQUESTS="10000", REDDIT_RATELIMIT_WINDOW_SECONDS="1")

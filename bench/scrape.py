@@ -77,7 +77,6 @@ import multiprocessing
 import os
 import platform
 import pstats
-import signal
 import socket
 import statistics
 import sys
@@ -1079,13 +1078,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # cleanup (finally) runs on kill too
+    _common.exit_on_sigterm()
     settings = point_reddit_at(f"http://127.0.0.1:{free_port()}")
     port = int(settings.reddit_oauth_url.rsplit(":", 1)[1])
     started = time.perf_counter()
