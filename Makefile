@@ -24,6 +24,7 @@ run: $(STAMP) ## run the whole pipeline (embedded PostgreSQL/Redis/simulator unl
 test: $(STAMP) ## run the tests against real PostgreSQL and Redis (embedded unless configured)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# BENCH_ARGS reaches all three, so only flags they share: --repeat N, --json.
 bench: $(STAMP) ## run the benchmarks; each prints its ratio against a baseline from the same run
 	$(BIN)/python bench/insert.py $(BENCH_ARGS)
 	$(BIN)/python bench/scrape.py $(BENCH_ARGS)

@@ -171,14 +171,16 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) base URL, e.g. https://oauth.reddit.com")
         return value.rstrip("/")
 
-    @field_validator("pg_host", "reddit_client_id", "reddit_username", mode="before")
+    @field_validator(
+        "pg_host",
+        "reddit_client_id",
+        "reddit_username",
+        "reddit_client_secret",
+        "reddit_password",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("reddit_client_secret", "reddit_password", mode="before")
-    @classmethod
-    def _blank_secret_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")

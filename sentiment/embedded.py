@@ -116,8 +116,9 @@ class EmbeddedPostgres:
         ensure_folder_permissions(bin_dir.parent / "share", 0o044)
         self.pgdata.mkdir(parents=True, exist_ok=True)
         ensure_prefix_permissions(self.pgdata)
-        for path in [self.pgdata, *self.pgdata.rglob("*")]:
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        # initdb and the server run as that user, so what they create is theirs already:
+        # only the directory itself needs handing over (no walk over a growing database).
+        os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
 
     def is_running(self) -> bool:
         if not (self.pgdata / "PG_VERSION").exists():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Any
 
 import redis
 from rich.console import Console, Group
 from rich.table import Table
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from sentiment.config import Settings
 from sentiment.reddit.ratelimit import limiter_key
@@ -34,10 +35,14 @@ def collect_status(settings: Settings, subreddits: list[str] | None = None) -> d
     return report
 
 
+@lru_cache(maxsize=4)
+def _engine(url: str) -> Engine:
+    """One small pool per server: the live view asks every two seconds."""
+    return create_engine(url, pool_size=1, pool_pre_ping=True, connect_args={"connect_timeout": 3})
+
+
 def _collect_database(settings: Settings, names: list[str], report: dict[str, Any]) -> None:
-    engine = create_engine(
-        settings.database_url(), pool_size=1, connect_args={"connect_timeout": 3}
-    )
+    engine = _engine(settings.database_url())
     try:
         with engine.connect() as conn:
             for source_id, kind, count, newest, ingested in conn.execute(_ROWS):
@@ -52,8 +57,6 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
         report["health"]["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
         report["health"]["postgres"] = f"error: {type(exc).__name__}"
-    finally:
-        engine.dispose()
     for name in names:
         report["subreddits"].setdefault(name, {})
 
