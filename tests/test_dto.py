@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,6 +88,35 @@ def test_blob_round_trip_keeps_microseconds():
         _event(id="zz9"),
     ]
     assert load_events(dump_events(events)) == events
+
+
+def test_payload_json_is_encoded_once_and_travels_with_the_blob():
+    event = _event(payload={"title": "tab\there", "body": "line\nbreak"})
+    assert orjson.loads(event.payload_json) == event.payload
+    assert event.payload_json is event.payload_json  # kept, not encoded again
+
+    (loaded,) = load_events(dump_events([event]))
+
+    assert loaded == event
+    assert loaded.payload_json == event.payload_json
+    assert b"\t" not in event.payload_json  # JSON escapes it, so the blob's tab is unambiguous
+
+
+def test_blobs_in_the_earlier_format_still_load():
+    # One JSON array per line: what a blob left in Redis by the previous release holds.
+    event = _event(occurred_at=datetime(2024, 5, 1, 1, 2, 3, 456789, tzinfo=UTC))
+    micros = (event.occurred_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    old = orjson.dumps([event.id, micros, event.source_id, event.event_type, event.payload])
+
+    assert load_events(old + b"\n") == [event]
+
+
+def test_a_payload_that_skipped_validation_is_cleaned_when_encoded():
+    event = RawEventDTO.model_construct(
+        id="abc", occurred_at=datetime(2024, 1, 1, tzinfo=UTC), source="reddit",
+        source_id="stocks", event_type="comment", payload={"body": "nul\x00 and \ud800"},
+    )  # fmt: skip
+    assert orjson.loads(event.payload_json) == {"body": "nul and \ufffd"}
 
 
 reddit_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=200)
