@@ -1,9 +1,10 @@
 """Append new events to per-subreddit, per-day CSV files, exactly once.
 
 Layout: ``<csv_dir>/reddit/<subreddit>/<YYYY-MM-DD>.csv`` (UTC day of
-``occurred_at``) and, beside each, ``<YYYY-MM-DD>.csv.ledger``: the file's
-commit log and its lock. Never delete one without the other (an export
-refuses a CSV whose ledger is gone rather than treat it all as uncommitted).
+``occurred_at``) and, in each subreddit's directory, ``ledger.jsonl``: the
+commit log of every CSV file in it. Never delete the ledger while its CSVs
+stay (an export refuses a directory whose CSVs have bytes and no ledger rather
+than treat them all as uncommitted).
 
 Format
   * RFC 4180: records end in CRLF, a cell holding ``"`` ``,`` CR or LF is
@@ -19,33 +20,44 @@ Format
     the full-width = + - @ some spreadsheets also accept) gets a leading ``'``.
     ``score`` is a number, not text: ``-5`` stays ``-5``.
 
-Exactly once. The contract is per batch: ``batch_id`` names the content (the
-rows the database reported new for that batch); the database hands each row
-out once, so the same event id under two batch ids is not checked for. A file
-holding part of a batch is never appended that batch again, even with other
-rows. Under an exclusive ``flock`` of the ledger (it serialises processes and
-threads, and the kernel drops it when its holder dies):
+Exactly once. The contract is per batch and subreddit directory: ``batch_id``
+names the content (the rows the database reported new for that batch); the
+database hands each row out once, so the same event id under two batch ids is
+not checked for. Under an exclusive ``flock`` of the directory (it serialises
+processes and threads, and the kernel drops it when its holder dies):
 
-  1. Read the ledger: JSON lines ``{"batch", "start", "end", "rows"}``, each
-     record starting where the previous ended. ``end`` of the last record is
-     the committed length of the CSV. An unterminated last line is a torn
-     commit and is cut off; any other bad line is corruption (raise).
-  2. Batch in the ledger: skip it. Otherwise cut the CSV back to the committed
-     length: bytes past it are an append whose commit never happened.
-  3. Write the rows (with the header if the file is empty) at that offset, in
-     one buffer, then fdatasync (and fsync the directory of a new file).
-  4. Append the commit record, then fdatasync. That write is the commit point.
+  1. Read the ledger: JSON lines, an optional ``{"checkpoint": {file: end}}``
+     first, then commit records ``{"batch", "at", "files": {file: [start,
+     end, rows]}}``, each file's ``start`` where its previous ``end`` was. The
+     last ``end`` of a file is its committed length. An unterminated last line
+     is a torn commit and is cut off; any other bad line is corruption.
+  2. Batch in the ledger: skip the directory. Otherwise cut each of the
+     batch's files back to its committed length: bytes past it are an append
+     whose commit never happened.
+  3. Write each file's rows (with the header if it is empty) at that offset in
+     one call, fdatasync each, and fsync the directory if a file is new.
+  4. Append the commit record for all the files, then fdatasync. That write
+     is the commit point.
 
 A crash (even SIGKILL) before 4 completes leaves no commit: the next export to
-the file cuts the partial or complete-but-uncommitted rows off, and the re-run
-of the batch writes them again - never torn, never twice. After 4 the batch is
-in the ledger and a re-run skips it. The data is durable before its commit
-record is written, so a power loss cannot leave a commit without its rows.
-Files are independent (each has its own ledger and lock), so a batch's files
-are exported side by side and one file's failure leaves the others committed.
-Readers wanting no uncommitted tail take LOCK_SH on the ledger, or read only
-up to the last ``end``. The ledger grows by one line per batch per day file
-(a day file stops growing after its day, so it is small and never compacted).
+the directory cuts the partial or complete-but-uncommitted rows off, and the
+re-run of the batch writes them again - never torn, never twice. After 4 the
+batch is in the ledger and a re-run skips it. Data is durable before its
+commit record is written, so a power loss cannot leave a commit without rows.
+
+One ledger per directory, not per file: a batch spread over many days creates
+one ledger, not one per day file, and commits with one record and one sync
+(file creation and syncs were most of the cost). Directories are independent,
+so a batch's directories are exported side by side by a few I/O threads while
+this thread formats the next one, and one directory's failure leaves the
+others committed. Readers wanting no uncommitted tail take LOCK_SH on the
+directory, or read each file only up to its last ``end``.
+
+The ledger is compacted when at least `_COMPACT_AT` commit records are older
+than `KEEP_BATCHES_S`: it is rewritten as one checkpoint (every file's
+committed length) plus the recent records, and renamed over the old one. A
+batch is remembered for `KEEP_BATCHES_S`, longer than the pipeline keeps a
+batch to re-run (its blob expires after three days).
 """
 
 from __future__ import annotations
@@ -55,9 +67,11 @@ import fcntl
 import logging
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -65,10 +79,10 @@ from typing import Any
 import orjson
 
 from sentiment.config import valid_subreddit
-from sentiment.dto import RawEventDTO, clean_json
+from sentiment.dto import RawEventDTO
 from sentiment.errors import CsvLedgerCorrupt, InvalidSubreddit, SentimentError, ServiceUnavailable
 
-__all__ = ["COLUMNS", "CsvLedgerCorrupt", "ExportResult", "export_events"]
+__all__ = ["COLUMNS", "KEEP_BATCHES_S", "CsvLedgerCorrupt", "ExportResult", "export_events"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +90,12 @@ COLUMNS = (
     "id", "occurred_at", "source", "source_id", "event_type", "author",
     "title", "body", "score", "permalink", "url", "payload",
 )  # fmt: skip
-_HEADER = ",".join(COLUMNS)
+LEDGER = "ledger.jsonl"
+KEEP_BATCHES_S = 4 * 24 * 3600
+_COMPACT_AT = 1024
+_HEADER = (",".join(COLUMNS) + "\r\n").encode()
 _FORMULA_START = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
+_NEEDS_QUOTES = re.compile('[",\r\n]')
 _ID_RE = re.compile(r"[0-9a-z]{1,16}")
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 _EVENT_TYPES = frozenset({"submission", "comment"})
@@ -99,8 +117,25 @@ class ExportResult:
     files: tuple[Path, ...]
 
 
+@dataclass(slots=True)
+class _Dir:
+    """One subreddit directory's share of a batch: its rows formatted per day file."""
+
+    name: str
+    path: Path
+    chunks: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # file -> (rows, count)
+
+    @property
+    def rows(self) -> int:
+        return sum(count for _, count in self.chunks.values())
+
+    def release(self) -> None:
+        """Drop the formatted bytes once written; the counts stay for the result."""
+        self.chunks = {file: (b"", count) for file, (_, count) in self.chunks.items()}
+
+
 def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str) -> ExportResult:
-    """Append `events` to their day files, once per `batch_id` and file (see module doc).
+    """Append `events` to their day files, once per `batch_id` and directory (see module doc).
 
     A bad row (e.g. built with `model_construct`) is refused, logged and counted
     in `rejected`; it never stops the other rows. Disk errors raise
@@ -110,25 +145,34 @@ def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str
         raise ValueError("batch_id must be a non-empty string")
     root = csv_dir.resolve()
     groups, rejected = _group(events)
-    jobs = [(root / "reddit" / name / f"{day.isoformat()}.csv", name, rows)
-            for (name, day), rows in sorted(groups.items())]  # fmt: skip
-    # Files are independent, so a few threads export them side by side: creating
-    # files and fdatasync release the GIL, so one file's I/O overlaps another's
-    # encoding, and concurrent fdatasyncs share the filesystem's journal commits.
-    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(jobs)))) as pool:
-        futures = [pool.submit(_export_file, root, *job, batch_id) for job in jobs]
+    dirs: list[_Dir] = []
+    futures: list[Future[str]] = []
+    # This thread formats (CPU, under the GIL) while a few threads write, sync and
+    # commit the directories already formatted (I/O, outside it); the semaphore
+    # bounds how far formatting runs ahead, and so the memory held.
+    in_flight = threading.BoundedSemaphore(2 * _THREADS)
+    with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(groups)))) as pool:
+        for name in sorted(groups):
+            work = _Dir(name, root / "reddit" / name)
+            for day, rows in sorted(groups[name].items()):
+                work.chunks[f"{day.isoformat()}.csv"] = (_encode(rows, name), len(rows))
+            in_flight.acquire()
+            future = pool.submit(_export_dir, root, work, batch_id)
+            future.add_done_callback(lambda _: in_flight.release())
+            dirs.append(work)
+            futures.append(future)
     counts = dict.fromkeys(("written", "skipped", "refused"), 0)
     files: list[Path] = []
     errors: list[SentimentError] = []
-    for (path, _, rows), future in zip(jobs, futures, strict=True):
+    for work, future in zip(dirs, futures, strict=True):
         try:
             outcome = future.result()
         except (ServiceUnavailable, CsvLedgerCorrupt) as exc:
-            errors.append(exc)  # every other file still finished: a retry skips those
+            errors.append(exc)  # every other directory still finished: a retry skips those
             continue
-        counts[outcome] += len(rows)
+        counts[outcome] += work.rows
         if outcome != "refused":
-            files.append(path)
+            files.extend(work.path / file for file in work.chunks)
     if errors:
         raise next((e for e in errors if e.retryable), errors[0])
     return ExportResult(counts["written"], counts["skipped"], rejected + counts["refused"],
@@ -138,9 +182,9 @@ def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str
 # -- validation and grouping --------------------------------------------------
 
 
-def _group(events: Sequence[RawEventDTO]) -> tuple[dict[tuple[str, date], Rows], int]:
-    """Rows by (canonical subreddit, UTC day); bad rows are counted, not raised."""
-    groups: dict[tuple[str, date], Rows] = {}
+def _group(events: Sequence[RawEventDTO]) -> tuple[dict[str, dict[date, Rows]], int]:
+    """Rows by canonical subreddit and UTC day; bad rows are counted, not raised."""
+    groups: dict[str, dict[date, Rows]] = {}
     names: dict[str, str] = {}  # source_id -> canonical name, validated once per name
     rejected = 0
     for event in events:
@@ -150,7 +194,7 @@ def _group(events: Sequence[RawEventDTO]) -> tuple[dict[tuple[str, date], Rows],
             log.warning("csv export: refused event %r: %s", getattr(event, "id", None), exc)
             rejected += 1
             continue
-        groups.setdefault((name, ts.date()), []).append((ts, event))
+        groups.setdefault(name, {}).setdefault(ts.date(), []).append((ts, event))
     return groups, rejected
 
 
@@ -176,14 +220,15 @@ def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime]:
 # -- formatting ---------------------------------------------------------------
 
 
-def _encode(rows: Rows, name: str, *, header: bool) -> bytes:
-    """The rows as CSV bytes, in one buffer so that the file gets one write.
+def _encode(rows: Rows, name: str) -> bytes:
+    """The rows as CSV bytes (no header), in one buffer so that the file gets one write.
 
     Built by hand: Python 3.11's csv.writer does ~60 MB/s, 4x slower than this on
     1.5 KB rows. id, occurred_at, source_id and event_type are validated and need
-    no quoting; every other cell goes through `_quote` (csv.QUOTE_MINIMAL's rule).
+    no quoting; every other cell goes through `_text` (csv.QUOTE_MINIMAL's rule).
+    The payload, most of the bytes, stays bytes from orjson to the file.
     """
-    lines = [_HEADER] if header else []
+    lines = []
     for ts, event in rows:
         p = event.payload
         body = p.get("selftext") if event.event_type == "submission" else p.get("body")
@@ -191,26 +236,21 @@ def _encode(rows: Rows, name: str, *, header: bool) -> bytes:
             event.id, ts.isoformat(timespec="microseconds")[:-6] + "Z", "reddit", name,
             event.event_type, _text(p.get("author")), _text(p.get("title")), _text(body),
             _score(p.get("score")), _text(_absolute(p.get("permalink"))), _text(p.get("url")),
-            _json(p),
-        )))  # fmt: skip
-    lines.append("")  # the last record's terminator
-    # "replace" only matters for a lone surrogate in a row that skipped the DTO.
-    return "\r\n".join(lines).encode("utf-8", "replace")
-
-
-def _quote(cell: str) -> str:
-    if '"' in cell:
-        return '"' + cell.replace('"', '""') + '"'
-    if "," in cell or "\n" in cell or "\r" in cell:
-        return '"' + cell + '"'
-    return cell
+            "",
+        # "replace" only matters for a lone surrogate in a row that skipped the DTO.
+        )).encode("utf-8", "replace") + _json(event))  # fmt: skip
+    return b"".join(lines)
 
 
 def _text(value: Any) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else str(value)
-    return _quote("'" + text if text[:1] in _FORMULA_START else text)
+    if text[:1] in _FORMULA_START:
+        text = "'" + text
+    if _NEEDS_QUOTES.search(text) is None:
+        return text
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _score(value: Any) -> str:
@@ -221,12 +261,9 @@ def _score(value: Any) -> str:
     return _text(value)
 
 
-def _json(payload: dict[str, Any]) -> str:
-    try:
-        encoded = orjson.dumps(payload)
-    except (TypeError, orjson.JSONEncodeError):  # a payload that skipped the DTO's cleaning
-        encoded = clean_json(payload)[1]
-    return '"' + encoded.decode().replace('"', '""') + '"'
+def _json(event: RawEventDTO) -> bytes:
+    """The payload cell, quoted, and the record's CRLF."""
+    return b'"' + event.payload_json.replace(b'"', b'""') + b'"\r\n'
 
 
 def _absolute(permalink: Any) -> Any:
@@ -238,18 +275,37 @@ def _absolute(permalink: Any) -> Any:
 # -- the exactly-once append --------------------------------------------------
 
 
-def _export_file(root: Path, path: Path, name: str, rows: Rows, batch_id: str) -> str:
-    """One file's share of the batch: "written", "skipped" (there already) or "refused"."""
-    if not path.resolve().is_relative_to(root):  # a symlinked directory or file on the way
-        log.warning("csv export: refused %d rows: r/%s: %s leads outside %s", len(rows), name,
-                    path, root)  # fmt: skip
-        return "refused"
+@dataclass(slots=True)
+class _Ledger:
+    """A directory's ledger as read: committed file lengths and remembered batches."""
+
+    fd: int
+    length: int = 0  # bytes of valid records
+    ends: dict[str, int] = field(default_factory=dict)
+    batches: set[str] = field(default_factory=set)
+    records: list[bytes] = field(default_factory=list)  # commit records, for compaction
+    stale: int = 0  # records older than KEEP_BATCHES_S
+
+
+def _export_dir(root: Path, work: _Dir, batch_id: str) -> str:
+    """One directory's share of the batch: "written", "skipped" (there already) or "refused"."""
     try:
-        _make_dirs(path.parent)
-        with _open_locked(path) as (ledger_fd, data_fd):
-            done = _append_locked(path, data_fd, ledger_fd, batch_id=batch_id, rows=rows, name=name)
+        return _export_dir_once(root, work, batch_id)
+    finally:
+        work.release()
+
+
+def _export_dir_once(root: Path, work: _Dir, batch_id: str) -> str:
+    try:
+        _make_dirs(work.path)
+        if not work.path.resolve().is_relative_to(root):  # a symlinked directory on the way
+            log.warning("csv export: refused %d rows: r/%s: %s leads outside %s", work.rows,
+                        work.name, work.path, root)  # fmt: skip
+            return "refused"
+        with _locked(work.path) as dir_fd:
+            done = _append_locked(work, dir_fd, batch_id)
     except OSError as exc:
-        raise ServiceUnavailable(f"CSV disk unavailable at {path}: {exc}") from exc
+        raise ServiceUnavailable(f"CSV disk unavailable at {work.path}: {exc}") from exc
     except CsvLedgerCorrupt as exc:
         log.error("csv export: %s", exc)  # noqa: TRY400 - the message says it all
         raise
@@ -257,86 +313,164 @@ def _export_file(root: Path, path: Path, name: str, rows: Rows, batch_id: str) -
 
 
 @contextlib.contextmanager
-def _open_locked(path: Path) -> Iterator[tuple[int, int]]:
-    """The ledger, exclusively locked, and the CSV; neither may be a symlink."""
-    with contextlib.ExitStack() as stack:
-        try:
-            ledger_fd = os.open(f"{path}.ledger", _OPEN | os.O_EXCL, 0o644)
-            new_ledger = True
-        except FileExistsError:
-            ledger_fd, new_ledger = os.open(f"{path}.ledger", _OPEN, 0o644), False
-        stack.callback(os.close, ledger_fd)
-        fcntl.flock(ledger_fd, fcntl.LOCK_EX)  # released on close, or by the kernel if we die
-        data_fd = os.open(path, _OPEN, 0o644)
-        stack.callback(os.close, data_fd)
-        # The ledger is always created before its CSV, so a CSV with bytes and no
-        # ledger lost it to a person: recovery would cut the whole file away.
-        if new_ledger and os.fstat(data_fd).st_size:
-            raise CsvLedgerCorrupt(f"{path} has no ledger; restore {path}.ledger or move the CSV")
-        yield ledger_fd, data_fd
+def _locked(directory: Path) -> Iterator[int]:
+    """The directory, exclusively flock'ed (released on close, or by the kernel if we die).
 
-
-def _append_locked(
-    path: Path, data_fd: int, ledger_fd: int, *, batch_id: str, rows: Rows, name: str
-) -> bool:
-    committed, end, ledger_len = _read_ledger(path, ledger_fd)
-    if batch_id in committed:
-        if committed[batch_id] != len(rows):
-            log.warning("csv export: %s already has batch %r with %d rows, not %d; "
-                        "a batch id must name its content", path, batch_id,
-                        committed[batch_id], len(rows))  # fmt: skip
-        return False
-    size = os.fstat(data_fd).st_size
-    if size < end:
-        raise CsvLedgerCorrupt(f"{path} is {size} bytes but its ledger commits {end}; "
-                               "move both files aside to start the day file again")  # fmt: skip
-    if size > end:
-        log.warning("csv export: %s: cutting %d bytes of an unfinished append", path, size - end)
-        os.ftruncate(data_fd, end)
-    chunk = _encode(rows, name, header=end == 0)
-    record = {"batch": batch_id, "start": end, "end": end + len(chunk), "rows": len(rows)}
+    The lock is on the directory, not the ledger, because compaction replaces the
+    ledger file: a lock on the old file would no longer exclude anyone."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        _write_chunk(data_fd, chunk, end)
-        os.fdatasync(data_fd)
-        if end == 0:
-            _fsync_dir(path.parent)  # the new file's name must be durable before its commit
-        _write_chunk(ledger_fd, orjson.dumps(record) + b"\n", ledger_len)  # the commit point
-        os.fdatasync(ledger_fd)
-    except OSError:
-        with contextlib.suppress(OSError):  # an unsure commit becomes no commit; if this
-            os.ftruncate(ledger_fd, ledger_len)  # fails too, the next recovery cuts both
-            os.ftruncate(data_fd, end)
-        raise
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _append_locked(work: _Dir, dir_fd: int, batch_id: str) -> bool:
+    ledger = _open_ledger(work.path, dir_fd)
+    try:
+        if batch_id in ledger.batches:
+            return False
+        _write_files(work, dir_fd, ledger, batch_id)
+        _compact(work.path, dir_fd, ledger)
+    finally:
+        os.close(ledger.fd)
     return True
 
 
-def _read_ledger(path: Path, fd: int) -> tuple[dict[str, int], int, int]:
-    """Committed batches (-> rows), committed CSV length, and valid ledger length."""
-    raw = os.pread(fd, os.fstat(fd).st_size, 0)
-    committed: dict[str, int] = {}
-    end = pos = 0
-    while (newline := raw.find(b"\n", pos)) >= 0:
-        record = _parse(raw[pos:newline])
-        if record is None or record[1] != end or record[0] in committed:
-            raise CsvLedgerCorrupt(f"{path}.ledger: bad record at byte {pos}; "
-                                   "move the CSV and its ledger aside")  # fmt: skip
-        committed[record[0]] = record[3]
-        end, pos = record[2], newline + 1
-    if pos < len(raw):  # a commit torn by a crash: it never happened
-        log.warning("csv export: %s.ledger: dropping a torn commit record", path)
-        os.ftruncate(fd, pos)
-    return committed, end, pos
-
-
-def _parse(line: bytes) -> tuple[str, int, int, int] | None:
+def _open_ledger(directory: Path, dir_fd: int) -> _Ledger:
+    path = directory / LEDGER
     try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    match record:
-        case {"batch": str(batch), "start": int(start), "end": int(end), "rows": int(rows)}:
-            return (batch, start, end, rows) if 0 <= start <= end else None
-    return None
+        fd = os.open(LEDGER, _OPEN | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    except FileExistsError:
+        fd = os.open(LEDGER, _OPEN, 0o644, dir_fd=dir_fd)
+    else:  # a new ledger: there must be nothing for it to have committed
+        with os.scandir(dir_fd) as entries:
+            orphans = [e.name for e in entries if e.name.endswith(".csv") and e.stat().st_size]
+        if orphans:
+            os.close(fd)
+            os.unlink(LEDGER, dir_fd=dir_fd)
+            raise CsvLedgerCorrupt(f"{directory} has CSV files but no {LEDGER} "
+                                   f"({', '.join(sorted(orphans)[:3])}); restore the ledger "
+                                   "or move the CSV files aside")  # fmt: skip
+        os.fsync(dir_fd)  # the ledger's name is durable before any CSV it commits
+        return _Ledger(fd)
+    try:
+        return _read_ledger(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_ledger(path: Path, fd: int) -> _Ledger:
+    raw = os.pread(fd, os.fstat(fd).st_size, 0)
+    ledger = _Ledger(fd)
+    old = time.time() - KEEP_BATCHES_S
+    pos = 0
+    while (newline := raw.find(b"\n", pos)) >= 0:
+        try:
+            _apply(ledger, raw[pos:newline], first=pos == 0, old=old)
+        except ValueError:
+            raise CsvLedgerCorrupt(
+                f"{path}: bad record at byte {pos}; move the directory's CSV files and ledger aside"
+            ) from None
+        pos = newline + 1
+    ledger.length = pos
+    if pos < len(raw):  # a commit torn by a crash: it never happened
+        log.warning("csv export: %s: dropping a torn commit record", path)
+        os.ftruncate(fd, pos)
+    return ledger
+
+
+def _apply(ledger: _Ledger, line: bytes, *, first: bool, old: float) -> None:
+    """Fold one ledger line into `ledger`; ValueError if it is not a valid record."""
+    match orjson.loads(line):  # orjson.JSONDecodeError is a ValueError
+        case {"checkpoint": dict(ends)} if first and all(
+            isinstance(end, int) and end >= 0 for end in ends.values()
+        ):
+            ledger.ends.update(ends)
+        case {"batch": str(batch), "at": int() | float() as at, "files": dict(files)} if (
+            batch not in ledger.batches
+        ):
+            for file, span in files.items():
+                match span:
+                    case [int(start), int(end), int()] if start == ledger.ends.get(file, 0) <= end:
+                        ledger.ends[file] = end
+                    case _:
+                        raise ValueError(span)
+            ledger.batches.add(batch)
+            ledger.records.append(line)
+            ledger.stale += at < old
+        case _:
+            raise ValueError(line)
+
+
+def _write_files(work: _Dir, dir_fd: int, ledger: _Ledger, batch_id: str) -> None:
+    """Steps 2 to 4 of the module doc for every file of `work`."""
+    spans: dict[str, list[int]] = {}
+    fds: dict[str, int] = {}
+    try:
+        for file, (chunk, count) in work.chunks.items():
+            fd = fds[file] = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
+            end = ledger.ends.get(file, 0)
+            size = os.fstat(fd).st_size
+            if size < end:
+                raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its ledger "
+                                       f"commits {end}; move the directory's CSV files and "
+                                       "ledger aside to start again")  # fmt: skip
+            if size > end:
+                log.warning("csv export: %s: cutting %d bytes of an unfinished append",
+                            work.path / file, size - end)  # fmt: skip
+                os.ftruncate(fd, end)
+            data = _HEADER + chunk if end == 0 else chunk
+            spans[file] = [end, end + len(data), count]
+            _write_chunk(fd, data, end)
+        for fd in fds.values():
+            os.fdatasync(fd)
+        if any(start == 0 for start, _, _ in spans.values()):
+            os.fsync(dir_fd)  # a new file's name must be durable before its commit
+        record = orjson.dumps({"batch": batch_id, "at": int(time.time()),
+                               "files": spans})  # fmt: skip
+        _write_chunk(ledger.fd, record + b"\n", ledger.length)  # the commit point
+        os.fdatasync(ledger.fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # an unsure commit becomes no commit; if this
+            os.ftruncate(ledger.fd, ledger.length)  # fails too, the next recovery cuts all
+            for file, fd in fds.items():
+                os.ftruncate(fd, ledger.ends.get(file, 0))
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    ledger.records.append(record)
+    ledger.length += len(record) + 1
+    ledger.ends.update((file, end) for file, (_, end, _) in spans.items())
+
+
+def _compact(directory: Path, dir_fd: int, ledger: _Ledger) -> None:
+    """Rewrite the ledger as a checkpoint plus its recent records, once enough are old."""
+    if ledger.stale < _COMPACT_AT:
+        return
+    old = time.time() - KEEP_BATCHES_S
+    recent = [line for line in ledger.records if orjson.loads(line)["at"] >= old]
+    # The checkpoint holds the lengths as they were before the kept records, so
+    # that each kept record still starts where its file's previous end was.
+    ends = dict(ledger.ends)
+    for line in reversed(recent):
+        for file, (start, _, _) in orjson.loads(line)["files"].items():
+            ends[file] = start
+    body = b"\n".join([orjson.dumps({"checkpoint": ends}), *recent]) + b"\n"
+    tmp = f"{LEDGER}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=dir_fd)  # fmt: skip
+    try:
+        _write_chunk(fd, body, 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, LEDGER, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    log.info("csv export: %s: ledger compacted to %d records", directory / LEDGER, len(recent))
 
 
 def _write_chunk(fd: int, data: bytes, offset: int) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sentiment.dto import RawEventDTO, dump_events
 from sentiment.errors import ServiceUnavailable
-from sentiment.sinks.csv import COLUMNS, CsvLedgerCorrupt, export_events
+from sentiment.sinks.csv import COLUMNS, LEDGER, CsvLedgerCorrupt, export_events
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -205,19 +205,19 @@ def _truncate_csv(path: Path) -> None:
 
 
 def _delete_ledger(path: Path) -> None:
-    Path(f"{path}.ledger").unlink()
+    (path.parent / LEDGER).unlink()
 
 
 def _garble_ledger(path: Path) -> None:
-    ledger = Path(f"{path}.ledger")
+    ledger = path.parent / LEDGER
     ledger.write_bytes(b"not json\n" + ledger.read_bytes())
 
 
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_truncate_csv, "move both files aside"),
-        (_delete_ledger, "has no ledger"),
+        (_truncate_csv, "but its ledger commits"),
+        (_delete_ledger, "has CSV files but no ledger"),
         (_garble_ledger, "bad record at byte 0"),
     ],
 )
@@ -253,15 +253,56 @@ def test_rerunning_a_batch_writes_nothing_twice(tmp_path):
     assert len(read(day_file(tmp_path))) == 3  # one header, no repeated rows
 
 
+def test_a_batch_over_many_days_commits_once_in_one_ledger_per_directory(tmp_path):
+    events = [make(at=DAY + d * timedelta(days=1)) for d in range(5)] + [make(sub="stocks")]
+
+    export_events(events, csv_dir=tmp_path, batch_id="b1")
+
+    wsb = tmp_path / "reddit" / "wallstreetbets"
+    assert sorted(p.name for p in wsb.iterdir()) == sorted(
+        [LEDGER] + [f"2024-03-0{d}.csv" for d in range(1, 6)]
+    )
+    (record,) = [orjson.loads(line) for line in (wsb / LEDGER).read_bytes().splitlines()]
+    assert record["batch"] == "b1"
+    assert {name: span[2] for name, span in record["files"].items()} == {
+        f"2024-03-0{d}.csv": 1 for d in range(1, 6)
+    }
+    assert all(span[1] == (wsb / name).stat().st_size for name, span in record["files"].items())
+
+
+def test_the_ledger_is_compacted_and_remembers_recent_batches(tmp_path, monkeypatch):
+    from sentiment.sinks import csv as sink
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(sink, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(sink, "_COMPACT_AT", 3)
+    batches = {f"b{n}": [make(at=DAY + n % 2 * 24 * HOUR)] for n in range(8)}
+    for n, (batch_id, events) in enumerate(batches.items()):
+        if n == 4:  # b0..b3 are now older than the pipeline could ever re-run them
+            clock[0] += sink.KEEP_BATCHES_S + 1
+        export_events(events, csv_dir=tmp_path, batch_id=batch_id)
+
+    ledger = (tmp_path / "reddit" / "wallstreetbets" / LEDGER).read_bytes().splitlines()
+    assert "checkpoint" in orjson.loads(ledger[0])
+    assert [orjson.loads(line)["batch"] for line in ledger[1:]] == ["b4", "b5", "b6", "b7"]
+    assert export_events(batches["b5"], csv_dir=tmp_path, batch_id="b5").skipped == 1
+    later = make()
+    assert export_events([later], csv_dir=tmp_path, batch_id="b8").written == 1  # chains on
+    paths = [day_file(tmp_path), day_file(tmp_path, day="2024-03-02")]
+    assert_exactly_once(paths, [e for b in batches.values() for e in b] + [later])
+
+
 CHILD = """
 import os, signal, sys
 from pathlib import Path
 from sentiment.dto import load_events
 from sentiment.sinks import csv as sink
 
-csv_dir, batch_dir, target, how, threads = sys.argv[1:]
+csv_dir, batch_dir, target, how, threads, compact_at = sys.argv[1:]
 real = sink._write_chunk
 sink._THREADS = int(threads)
+if int(compact_at):  # compact all the time, forgetting every batch at once
+    sink._COMPACT_AT, sink.KEEP_BATCHES_S = int(compact_at), -1
 
 def crashing(fd, data, offset):  # die while writing to `target` (a CSV or a ledger)
     if os.readlink(f"/proc/self/fd/{fd}").endswith(target):
@@ -279,15 +320,18 @@ for batch in sorted(Path(batch_dir).iterdir()):
 def start_child(
     csv_dir: Path,
     batches: dict[str, list[RawEventDTO]],
+    *,
     crash: str = "",
     how: str = "",
     threads: int = 8,
+    compact_at: int = 0,
 ) -> subprocess.Popen[bytes]:
     """Export `batches` in another process, as the pipeline does: from dump_events blobs."""
     batch_dir = Path(tempfile.mkdtemp(dir=csv_dir.parent))
     for name, events in batches.items():
         (batch_dir / f"{name}.jsonl").write_bytes(dump_events(events))
-    argv = [sys.executable, "-c", CHILD, str(csv_dir), str(batch_dir), crash, how, str(threads)]
+    argv = [sys.executable, "-c", CHILD, str(csv_dir), str(batch_dir), crash, how, str(threads),
+            str(compact_at)]  # fmt: skip
     return subprocess.Popen(argv, cwd=ROOT)
 
 
@@ -299,21 +343,29 @@ def assert_exactly_once(paths: list[Path], events: list[RawEventDTO]) -> None:
             assert orjson.loads(row["payload"])["id"] == row["id"]
 
 
-def test_processes_appending_to_one_file_at_once_never_tear_or_lose_lines(tmp_path):
+@pytest.mark.parametrize("compact_at", [0, 5], ids=["ledger-grows", "ledger-compacted-often"])
+def test_processes_appending_to_one_file_at_once_never_tear_or_lose_lines(tmp_path, compact_at):
     csv_dir = tmp_path / "csv"
     rounds = {
         who: {f"{who}{n:03}": [make(at=DAY + timedelta(hours=n % 2 * 12), title=f"{who},\n\"{n}")
                                for _ in range(25)] for n in range(60)}
         for who in ("a", "b", "c")
     }  # fmt: skip
-    children = [start_child(csv_dir, batches) for batches in rounds.values()]
+    children = [start_child(csv_dir, batches, compact_at=compact_at) for batches in rounds.values()]
 
     assert [child.wait(timeout=60) for child in children] == [0, 0, 0]
 
     events = [e for batches in rounds.values() for b in batches.values() for e in b]
     paths = [day_file(csv_dir), day_file(csv_dir, day="2024-03-02")]
     assert_exactly_once(paths, events)
-    assert export_events(events[:25], csv_dir=csv_dir, batch_id="a000").skipped == 25
+    if compact_at:  # a compaction replaced the ledger while others waited for the lock
+        first = orjson.loads(
+            (csv_dir / "reddit" / "wallstreetbets" / LEDGER).read_bytes().split(b"\n")[0]
+        )
+        assert "checkpoint" in first
+        assert export_events([make()], csv_dir=csv_dir, batch_id="after").written == 1
+    else:
+        assert export_events(events[:25], csv_dir=csv_dir, batch_id="a000").skipped == 25
 
 
 STOCKS, WSB = "/stocks/2024-03-01.csv", "/wallstreetbets/2024-03-01.csv"
@@ -323,8 +375,8 @@ STOCKS, WSB = "/stocks/2024-03-01.csv", "/wallstreetbets/2024-03-01.csv"
     "scenario",
     [  # (file written when killed, how far the write got, threads, rows already committed)
         pytest.param((STOCKS, "half", 1, 0), id="half-the-rows"),
-        pytest.param((STOCKS + ".ledger", "none", 1, 0), id="rows-synced-no-commit"),
-        pytest.param((STOCKS + ".ledger", "half", 1, 0), id="half-the-commit-record"),
+        pytest.param(("/stocks/" + LEDGER, "none", 1, 0), id="rows-synced-no-commit"),
+        pytest.param(("/stocks/" + LEDGER, "half", 1, 0), id="half-the-commit-record"),
         pytest.param((WSB, "half", 1, 300), id="first-file-committed-second-half"),
         pytest.param((WSB, "half", 8, None), id="files-side-by-side-other-in-any-state"),
     ],
@@ -339,7 +391,7 @@ def test_a_killed_export_is_completed_by_its_rerun(tmp_path, scenario, other_bat
     crashed += [make(title="x" * 5000) for _ in range(300)]
     later = [make(), make(sub="stocks")]
     paths = [day_file(csv_dir, "stocks"), day_file(csv_dir)]
-    torn = paths[0] if crash.startswith(STOCKS) else paths[1]
+    torn = paths[0] if crash.startswith("/stocks/") else paths[1]
     size = torn.stat().st_size
 
     child = start_child(csv_dir, {"b1": crashed}, crash=crash, how=how, threads=threads)
