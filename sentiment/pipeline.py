@@ -132,29 +132,47 @@ def advance_watermarks(subreddit: str, marks: dict[str, str]) -> None:
 # -- batches by reference ---------------------------------------------------
 
 
+# The last batch this process stashed or decoded. insert_batch and export_csv of one chain
+# usually run in the same pool process, one after the other: the export then
+# reuses the insert's events instead of fetching, decompressing and decoding the
+# blob again. A blob never changes under its key (a fresh uuid), and events are
+# frozen, so the cache cannot go stale; it holds one batch at most.
+_last_batch: tuple[str, list[RawEventDTO]] | None = None
+
+
 def stash_batch(events: list[RawEventDTO]) -> str | None:
     """Store events as a compressed blob; return its key (None for no events)."""
     if not events:
         return None
+    global _last_batch  # noqa: PLW0603 - a one-entry, per-process cache
     key = f"sentiment:batch:{uuid.uuid4().hex}"
     get_redis().set(key, zstd.compress(dump_events(events)), ex=BATCH_TTL_S)
+    _last_batch = (key, list(events))  # insert_batch often runs next in this process
     return key
 
 
 def load_batch(key: str | None) -> list[RawEventDTO]:
+    global _last_batch  # noqa: PLW0603 - a one-entry, per-process cache
     if key is None:
         return []
+    if _last_batch is not None and _last_batch[0] == key:
+        return list(_last_batch[1])
     blob = get_redis().get(key)
     if blob is None:
         raise BatchExpired(
             f"batch {key} is gone from Redis (expired or flushed); the next scrape fetches it again"
         )
-    return load_events(zstd.decompress(blob))
+    events = load_events(zstd.decompress(blob))
+    _last_batch = (key, events)
+    return list(events)
 
 
 def drop_batch(key: str | None) -> None:
+    global _last_batch  # noqa: PLW0603 - a one-entry, per-process cache
     if key is not None:
         get_redis().delete(key)
+        if _last_batch is not None and _last_batch[0] == key:
+            _last_batch = None
 
 
 # -- locks and subreddit health ---------------------------------------------
