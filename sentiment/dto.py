@@ -121,7 +121,10 @@ class RawEventDTO(BaseModel):
     def _check_id(cls, value: Any) -> str:
         return _canonical_id(value)
 
-    @field_validator("occurred_at", mode="before")
+    # "plain": the validator's result is the value. In "before" mode pydantic would
+    # validate it again: for `payload` a key-by-key copy of the dict clean_json
+    # just returned (~4 µs an event), for `occurred_at` a re-check of an aware datetime.
+    @field_validator("occurred_at", mode="plain")
     @classmethod
     def _check_occurred_at(cls, value: Any) -> datetime:
         return _to_utc(value)
@@ -131,7 +134,7 @@ class RawEventDTO(BaseModel):
     def _check_source_id(cls, value: Any) -> str:
         return valid_subreddit(str(value))
 
-    @field_validator("payload", mode="before")
+    @field_validator("payload", mode="plain")
     @classmethod
     def _check_payload(cls, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
