@@ -42,17 +42,10 @@ Where the worker's time goes: each timed run also reports the cores every
 process group kept busy (from /proc) and the seconds the pool spent in each
 stage (from the worker's log). With --profile, every subreddit's chain then
 runs in this process, stage by stage (fetch, stash, insert_batch, export_csv:
-the tasks' bodies without Celery), for CPU microseconds per event, as the
-pipeline is and with prototypes added one by one (bench only: bench/scrape.py's
-scraper prototypes, a one-entry cache of the last batch a process loaded,
-gc.freeze()), and one cProfile of the chain as is.
+the tasks' bodies without Celery), for CPU microseconds per event, and one
+cProfile of the chain.
 
-With --variants, the worker (headline concurrency) is also timed with all those
-prototypes installed (`celery -A pipeline`: this file patches them in before
-the pool forks) against itself without them: a fresh worker for every run,
-the two alternating, --repeat runs each.
-
-    python bench/pipeline.py --repeat 3 --json [--profile] [--variants]
+    python bench/pipeline.py --repeat 3 --json [--profile]
 """
 
 from __future__ import annotations
@@ -79,7 +72,6 @@ import _common
 from scrape import SimulatorProcess, free_port, point_reddit_at  # also configures the environment
 
 RATIO_TARGET = 0.6
-PROTOTYPES_ENV = "BENCH_PIPELINE_PROTOTYPES"  # set in a worker that runs the prototypes
 WARM_SUBREDDIT = "bench_pipe_warm"
 _LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] (.*)$", re.M)
 _RECEIVED = re.compile(r"Task sentiment\.tasks\.scrape\[([\w-]+)\] received")
@@ -94,11 +86,10 @@ _SUCCEEDED = re.compile(r"Task sentiment\.tasks\.(\w+)\[[\w-]+\] succeeded in ([
 class Worker:
     """One `celery -A sentiment worker` in its own process group, logging to a file."""
 
-    def __init__(self, concurrency: int, log_dir: Path, *, prototypes: bool = False) -> None:
+    def __init__(self, concurrency: int, log_dir: Path) -> None:
         self.concurrency = concurrency
-        self.prototypes = prototypes
         self.hostname = f"bench-{uuid.uuid4().hex[:6]}@localhost"
-        self.log = log_dir / f"worker-c{concurrency}{'-proto' if prototypes else ''}.log"
+        self.log = log_dir / f"worker-c{concurrency}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> None:
@@ -106,15 +97,9 @@ class Worker:
 
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
-        app_module = "sentiment"
-        if self.prototypes:  # `-A pipeline`: this file, which patches the prototypes in
-            bench_dir = str(Path(__file__).resolve().parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [bench_dir, env.get("PYTHONPATH")]))
-            env[PROTOTYPES_ENV] = "1"
-            app_module = "pipeline"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", app_module, "worker",
+                [sys.executable, "-m", "celery", "-A", "sentiment", "worker",
                  "--loglevel", "INFO", "--concurrency", str(self.concurrency),
                  "-Q", "scrape,ingest,export", "--hostname", self.hostname,
                  "--without-mingle", "--without-gossip"],
@@ -419,15 +404,11 @@ def timed_sink_only(b: Bench, out: PerConcurrency) -> None:
     out.sink_cores.append(CpuMeter.share(before, b.meter.snapshot(), seconds))
 
 
-def measure_concurrency(
-    b: Bench, concurrency: int, *, prototypes: bool = False, out: PerConcurrency | None = None,
-    runs: int | None = None,
-) -> PerConcurrency:  # fmt: skip
-    """Start a worker, warm it, time `runs` (--repeat) fan-outs, each followed by a
-    sink-only run; results are added to `out` (a new PerConcurrency by default)."""
-    label = f"{concurrency} + prototypes" if prototypes else str(concurrency)
-    out = out or PerConcurrency(concurrency, label)
-    worker = Worker(concurrency, b.log_dir, prototypes=prototypes)
+def measure_concurrency(b: Bench, concurrency: int) -> PerConcurrency:
+    """Start a worker, warm it, time --repeat fan-outs, each followed by a sink-only run."""
+    label = str(concurrency)
+    out = PerConcurrency(concurrency, label)
+    worker = Worker(concurrency, b.log_dir)
     print(f"concurrency {label}: starting the worker ...", flush=True)
     worker.start()
     b.meter.roots["worker"] = worker.process.pid if worker.process else None
@@ -438,7 +419,7 @@ def measure_concurrency(
         run_chains([WARM_SUBREDDIT], b.args.timeout)
         empty_chains(concurrency * 2, b.args.timeout)
         out.empty_chain_seconds += empty_chains(b.args.empty_chains, b.args.timeout)
-        for _ in range(runs or b.args.repeat):
+        for _ in range(b.args.repeat):
             measured = timed_fan_out(b, worker)
             out.runs.append(measured)
             timed_sink_only(b, out)
@@ -456,18 +437,6 @@ def measure_concurrency(
         worker.stop()
         b.meter.roots["worker"] = None
     return out
-
-
-def measure_prototypes(b: Bench, concurrency: int) -> list[PerConcurrency]:
-    """The worker as is against the worker with the prototypes, a fresh worker per run,
-    alternating (the order flips every round) so that drift hits both alike."""
-    plain = PerConcurrency(concurrency, f"{concurrency} (alternating)")
-    proto = PerConcurrency(concurrency, f"{concurrency} + prototypes (alternating)")
-    for run in range(b.args.repeat):
-        pair = [(False, plain), (True, proto)]
-        for prototypes, out in pair if run % 2 == 0 else pair[::-1]:
-            measure_concurrency(b, concurrency, prototypes=prototypes, out=out, runs=1)
-    return [plain, proto]
 
 
 # -- where the worker's time goes: the chain's stages in process (--profile) --------------------
@@ -498,24 +467,21 @@ def chain_in_process(name: str) -> dict[str, float]:
     return cpu
 
 
-def profile_chains(b: Bench, variants: dict[str, Any]) -> dict[str, Any]:
-    """CPU microseconds per event of each stage, as the pipeline is and with the scraper
-    prototypes of bench/scrape.py patched in; then one cProfile of the pipeline as is."""
+def profile_chains(b: Bench) -> dict[str, Any]:
+    """CPU microseconds per event of each stage, then one cProfile of the chain."""
     import cProfile
     import pstats
 
     out: dict[str, Any] = {}
-    for label, patch in variants.items():
-        b.state.reset()
-        totals = dict.fromkeys(CHAIN_STAGES, 0.0)
-        with patch():
-            chain_in_process(WARM_SUBREDDIT)  # a new client's token and connections: not counted
-            for name in b.subreddits:
-                for stage, seconds in chain_in_process(name).items():
-                    totals[stage] += seconds
-        out[label] = {st: round(1e6 * v / len(b.events), 1) for st, v in totals.items()}
-        out[label]["total"] = round(sum(out[label].values()), 1)
-        print(f"  in process, {label}: CPU us/event {out[label]}", flush=True)
+    b.state.reset()
+    totals = dict.fromkeys(CHAIN_STAGES, 0.0)
+    chain_in_process(WARM_SUBREDDIT)  # a new client's token and connections: not counted
+    for name in b.subreddits:
+        for stage, seconds in chain_in_process(name).items():
+            totals[stage] += seconds
+    out["stages"] = {st: round(1e6 * v / len(b.events), 1) for st, v in totals.items()}
+    out["stages"]["total"] = round(sum(out["stages"].values()), 1)
+    print(f"  in process: CPU us/event {out['stages']}", flush=True)
     b.state.reset()
     profiler = cProfile.Profile()
     profiler.enable()
@@ -548,99 +514,6 @@ def _drop_runtimes() -> None:
     for runtime in pl._runtimes.values():
         runtime.loop.run_until_complete(runtime.reddit.close())
     pl._runtimes.clear()
-
-
-def cached(load_batch: Any) -> Any:
-    """`load_batch` remembering the last batch it decoded in this process (one entry):
-    export_csv then reuses what insert_batch decoded, when both run in the same pool
-    process. Safe because a blob never changes under its key."""
-    last: dict[str | None, list[Any]] = {}
-
-    def load(key: str | None) -> list[Any]:
-        if key not in last:
-            last.clear()
-            last[key] = load_batch(key)
-        return last[key]
-
-    return load
-
-
-def install_prototypes() -> None:
-    """In a worker started with --variants, before its pool forks: every prototype of
-    `chain_variants`, for good (gc.freeze() once in each pool process)."""
-    import gc
-
-    import scrape as proto
-    from celery.signals import worker_process_init
-
-    from sentiment import pipeline as pl
-    from sentiment.reddit import client as client_module
-    from sentiment.reddit import scraper as scraper_module
-
-    client_module.CountingRequestor = proto.OrjsonRequestor  # type: ignore[misc]
-    scraper_module._to_event = proto.plain_to_event
-    pl.load_batch = cached(pl.load_batch)
-
-    @worker_process_init.connect(weak=False)
-    def freeze(**_: Any) -> None:
-        gc.collect()
-        gc.freeze()
-        active = f"{scraper_module._to_event.__name__}, {client_module.CountingRequestor.__name__}"
-        frozen = gc.get_freeze_count()
-        message = f"bench prototypes in pool process {os.getpid()}: {active}, cached load_batch"
-        print(f"{message}, gc frozen ({frozen} objects)", file=sys.stderr, flush=True)
-
-
-def chain_variants() -> dict[str, Any]:
-    """The pipeline as it is, then with prototypes added one by one (bench only):
-    bench/scrape.py's scraper prototypes; a one-entry cache of the last batch loaded
-    by this process (export_csv then reuses what insert_batch decoded, when both run
-    in the same process; blobs never change under a key); gc.freeze() after start-up."""
-    import contextlib
-    import gc
-
-    import scrape as proto
-
-    from sentiment import pipeline as pl
-    from sentiment.reddit import client as client_module
-    from sentiment.reddit import scraper as scraper_module
-
-    @contextlib.contextmanager
-    def scraper_prototypes() -> Any:
-        _drop_runtimes()  # a new asyncpraw client, built with the prototype requestor
-        try:
-            with (
-                proto.patched(client_module, "CountingRequestor", proto.OrjsonRequestor),
-                proto.patched(scraper_module, "_to_event", proto.plain_to_event),
-            ):
-                yield
-        finally:
-            _drop_runtimes()
-
-    @contextlib.contextmanager
-    def batch_cache() -> Any:
-        with scraper_prototypes(), proto.patched(pl, "load_batch", cached(pl.load_batch)):
-            yield
-
-    @contextlib.contextmanager
-    def frozen() -> Any:
-        gc.collect()
-        gc.freeze()  # what a worker_process_init hook would do once per pool process
-        try:
-            with batch_cache():
-                yield
-        finally:
-            gc.unfreeze()
-
-    return {
-        "as is": contextlib.nullcontext,
-        "+ scraper prototypes": scraper_prototypes,
-        "+ batch cache": batch_cache,
-        "+ gc.freeze()": frozen,
-    }
-
-
-# -- the benchmark ---------------------------------------------------------------------------
 
 
 def summarize(per: list[PerConcurrency], events: int, headline: int) -> dict[str, Any]:
@@ -765,8 +638,8 @@ def profile_tables(profile: dict[str, Any]) -> list[Any]:
 
     stages = Table(title="the chain's stages in process, CPU us per event (--profile)",
                    title_justify="left")  # fmt: skip
-    for column in ("variant", *CHAIN_STAGES, "total"):
-        stages.add_column(column, justify="left" if column == "variant" else "right")
+    for column in ("", *CHAIN_STAGES, "total"):
+        stages.add_column(column, justify="left" if not column else "right")
     for label, row in profile.items():
         if label != "top_functions":
             stages.add_row(label, *(f"{row[c]:.1f}" for c in (*CHAIN_STAGES, "total")))
@@ -798,11 +671,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the simulator's seed")
     parser.add_argument(
         "--profile", action="store_true",
-        help="also run the chain's stages in process: CPU per stage, prototypes, cProfile",
-    )  # fmt: skip
-    parser.add_argument(
-        "--variants", action="store_true",
-        help="also time a worker (headline concurrency) running the prototypes",
+        help="also run the chain's stages in process: CPU per stage, cProfile",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args(argv)  # fmt: skip
@@ -842,12 +711,10 @@ def main(argv: list[str] | None = None) -> int:
                 meter = CpuMeter(settings, sim.pid)
                 bench = Bench(args, state, meter, subreddits, events, settings.data_dir / "logs")
                 per = [measure_concurrency(bench, c) for c in args.concurrency]
-                if args.variants:
-                    per += measure_prototypes(bench, headline)
                 profile = None
                 if args.profile:
                     print("the chain's stages in process ...", flush=True)
-                    profile = profile_chains(bench, chain_variants())
+                    profile = profile_chains(bench)
                 state.reset()
             finally:
                 state.close()
@@ -866,11 +733,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out), flush=True)
     return 0
 
-
-if os.environ.get(PROTOTYPES_ENV) == "1":  # this module is a worker's `-A pipeline`
-    from sentiment.celery_app import app  # noqa: F401 - what `celery -A pipeline` looks for
-
-    install_prototypes()
 
 if __name__ == "__main__":
     sys.exit(main())
