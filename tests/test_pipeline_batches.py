@@ -58,3 +58,11 @@ def test_another_batch_is_read_from_redis(redis_client):
     redis_client.delete(ours)
     with pytest.raises(pipeline.BatchExpired):
         pipeline.load_batch(ours)
+
+
+def test_the_csv_ledger_remembers_a_batch_longer_than_its_blob_lives():
+    from sentiment.sinks.csv import KEEP_BATCHES_S
+
+    # A chain can re-run its export only while the blob exists; after that the
+    # ledger may forget the batch without risking a second append.
+    assert pipeline.BATCH_TTL_S < KEEP_BATCHES_S
