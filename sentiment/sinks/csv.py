@@ -332,7 +332,10 @@ def _append_locked(work: _Dir, dir_fd: int, batch_id: str) -> bool:
         if batch_id in ledger.batches:
             return False
         _write_files(work, dir_fd, ledger, batch_id)
-        _compact(work.path, dir_fd, ledger)
+        try:
+            _compact(work.path, dir_fd, ledger)
+        except OSError as exc:  # committed already; the next export compacts instead
+            log.warning("csv export: %s: ledger compaction failed: %s", work.path / LEDGER, exc)
     finally:
         os.close(ledger.fd)
     return True

@@ -292,6 +292,21 @@ def test_the_ledger_is_compacted_and_remembers_recent_batches(tmp_path, monkeypa
     assert_exactly_once(paths, [e for b in batches.values() for e in b] + [later])
 
 
+def test_a_failed_compaction_keeps_the_commit(tmp_path, monkeypatch, caplog):
+    from sentiment.sinks import csv as sink
+
+    export_events([make()], csv_dir=tmp_path, batch_id="b1")
+    monkeypatch.setattr(sink, "_COMPACT_AT", 1)
+    monkeypatch.setattr(sink, "KEEP_BATCHES_S", -1)  # every record is old
+    (tmp_path / "reddit" / "wallstreetbets" / f"{LEDGER}.tmp").mkdir()  # cannot be written
+
+    assert export_events([make()], csv_dir=tmp_path, batch_id="b2").written == 1
+    assert "ledger compaction failed" in caplog.text
+    monkeypatch.setattr(sink, "_COMPACT_AT", 10**6)
+    assert export_events([make()], csv_dir=tmp_path, batch_id="b2").skipped == 1
+    assert len(read(day_file(tmp_path))) == 2
+
+
 CHILD = """
 import os, signal, sys
 from pathlib import Path
