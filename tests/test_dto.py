@@ -175,3 +175,11 @@ def test_from_reddit_builds_what_validation_builds():
 def test_from_reddit_refuses_malformed_items(item):
     with pytest.raises((ValueError, KeyError, TypeError)):
         RawEventDTO.from_reddit(item, "stocks", "comment")
+
+
+def test_events_serialise_with_pydantic_without_warnings():
+    event = _event(occurred_at=datetime(2024, 5, 1, 1, 2, 3, tzinfo=UTC))
+    dumped = orjson.loads(event.model_dump_json())  # a serializer warning fails the test
+    assert dumped["occurred_at"] == "2024-05-01T01:02:03Z"
+    assert dumped["payload"] == event.payload
+    assert RawEventDTO.model_validate_json(event.model_dump_json()) == event
