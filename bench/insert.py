@@ -10,9 +10,11 @@ load goes into an EMPTY `raw_events` (TRUNCATE, then CHECKPOINT so no run
 pays for the previous one's dirty pages), with durability on (fsync and
 synchronous_commit as configured; the embedded server keeps the defaults):
 
-  sink                insert_batch(events): binary COPY into the stage table,
-                      INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING,
-                      default chunk size (INSERT_BATCH_SIZE), a commit per chunk.
+  sink                insert_batch(events): per chunk, a binary COPY straight
+                      into raw_events (every row is new here, so no chunk falls
+                      back to the stage table and INSERT ... ON CONFLICT DO
+                      NOTHING RETURNING), default chunk size
+                      (INSERT_BATCH_SIZE), a commit per chunk.
   copy_text           the ceiling: plain COPY straight into raw_events, text
                       format, psycopg2 copy_expert, the COPY text encoded (with
                       escaping) while it streams, in chunks of 1,000 rows.
@@ -24,7 +26,9 @@ synchronous_commit as configured; the embedded server keeps the defaults):
   executemany         psycopg2 execute_values(... ON CONFLICT DO NOTHING),
                       page_size=1000, payload as orjson text, ONE commit at the end.
   sink_all_conflicts  the sink again on the same batch, right after `sink`
-                      (every row a conflict, nothing stored).
+                      (every row a conflict, nothing stored): the first chunk's
+                      COPY fails on a stored key, and every chunk goes through
+                      the stage table.
   csv                 export_events(rows the sink returned as new) into an
                       empty directory: per-subreddit, per-day files with their
                       ledgers, fdatasync'd (the sink's exactly-once contract).
@@ -46,9 +50,7 @@ per-round ratios, is shown beside it).
 Investigation options, not needed for the targets: --chunk-sizes 1000,20000
 also loads with insert_batch(chunk_size=...); --variants also measures
 sink_work_mem (insert_batch on a session with work_mem and temp_buffers at
-64MB) and two prototypes of a stage-less sink, proto_lookup_copy and
-proto_copy_first (see `proto_direct_copy`), each into an empty table and again
-with every row a conflict.
+64MB).
 
     python bench/insert.py --rows 200000 --repeat 3 --json
 """
@@ -79,7 +81,6 @@ _common.configure_environment()  # before anything reads Settings
 
 import orjson  # noqa: E402
 import psycopg  # noqa: E402
-import psycopg.errors  # noqa: E402
 import psycopg2  # noqa: E402
 import psycopg2.errors  # noqa: E402
 import psycopg2.extras  # noqa: E402
@@ -242,77 +243,6 @@ def dump_copy_to_csv(conn: Any, path: Path) -> int:
     return rows
 
 
-# -- prototypes, not the pipeline's code: what --variants also measures ------------------
-
-# LATERAL ... LIMIT 1 keeps this a nested loop of primary-key probes whatever the
-# statistics say: a table being filled has none, and a hash join would then read
-# every partition once per chunk.
-_EXISTING_KEYS = """
-SELECT k.id, k.occurred_at
-FROM unnest(%b::text[], %b::timestamptz[]) AS k(id, occurred_at)
-CROSS JOIN LATERAL (
-    SELECT 1 FROM raw_events AS r
-    WHERE r.id = k.id AND r.occurred_at = k.occurred_at
-    LIMIT 1
-) AS hit
-"""
-_COPY_BINARY = f"COPY raw_events ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
-_TYPES = ["text", "timestamptz", "text", "text", "text", "jsonb"]
-
-
-def proto_direct_copy(
-    conn: psycopg.Connection[Any],
-    events: Sequence[RawEventDTO],
-    *,
-    look_up: bool,
-    chunk_size: int = 5000,
-) -> list[RawEventDTO]:
-    """insert_batch without the stage table; returns the new events like it.
-
-    Per chunk, in one transaction, rows in (id, occurred_at) order like the
-    sink's ORDER BY: with `look_up`, first find which keys exist (one primary-key
-    probe per key) and COPY only the others; without, COPY them all at once,
-    optimistically. A unique violation (or a deadlock) means some keys were
-    stored already, or by a concurrent writer since the look-up: the chunk is
-    rolled back and stored by insert_batch (the stage path) instead, so the
-    result is exactly insert_batch's. New rows then cost one plain COPY.
-    """
-    seen: dict[tuple[str, datetime], RawEventDTO] = {}
-    for e in events:
-        seen.setdefault(e.key, e)
-    unique = list(seen.values())
-    new: list[RawEventDTO] = []
-    for start in range(0, len(unique), chunk_size):
-        chunk = sorted(unique[start : start + chunk_size], key=lambda e: (e.id, e.occurred_at))
-        fresh = chunk
-        try:
-            with conn.transaction(), conn.cursor() as cur:
-                if look_up:
-                    cur.execute(
-                        _EXISTING_KEYS, [[e.id for e in chunk], [e.occurred_at for e in chunk]]
-                    )
-                    existing = set(cur.fetchall())
-                    fresh = [e for e in chunk if e.key not in existing] if existing else chunk
-                if fresh:
-                    with cur.copy(_COPY_BINARY) as copy:
-                        copy.set_types(_TYPES)
-                        for e in fresh:
-                            row = (
-                                e.id,
-                                e.occurred_at,
-                                e.source,
-                                e.source_id,
-                                e.event_type,
-                                e.payload,
-                            )
-                            copy.write_row(row)
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
-            new.extend(insert_batch(chunk).new)
-            continue
-        new.extend(fresh)
-    return new
-
-
 # -- the database around the runs ---------------------------------------------------------
 
 
@@ -463,21 +393,6 @@ def run_round(b: Bench, run: int) -> None:
         _check("copy_to_csv", dumped, n)
         out_file.unlink()
 
-    def proto(name: str, look_up: bool) -> Callable[[], None]:
-        def go() -> None:
-            stored = b.load(
-                name, run, lambda: proto_direct_copy(db.pg3, events, look_up=look_up), n
-            )
-            _check(f"{name}: new events returned", len(stored), n)
-            db.checkpoint()
-            conflicts = f"{name}_all_conflicts"
-            again = b.record(
-                conflicts, run, lambda: proto_direct_copy(db.pg3, events, look_up=look_up), n
-            )
-            _check(f"{conflicts}: new events returned", len(again), 0)
-
-        return go
-
     def chunked(size: int) -> Callable[[], Any]:
         return lambda: b.load(f"sink@{size}", run, lambda: load_sink(events, chunk_size=size), n)
 
@@ -495,8 +410,6 @@ def run_round(b: Bench, run: int) -> None:
         units.append(
             lambda: b.load("sink_work_mem", run, lambda: insert_batch(events, engine=tuned), n)
         )
-        units.append(proto("proto_lookup_copy", look_up=True))
-        units.append(proto("proto_copy_first", look_up=False))
     shift = (run - 1) % len(units)
     for unit in units[shift:] + units[:shift]:
         unit()
@@ -631,7 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="also measure sink_work_mem and the proto_* prototypes (see README)",
+        help="also measure sink_work_mem (see README)",
     )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeat < 1 or not 0 < args.orm_fraction <= 1:
@@ -673,13 +586,7 @@ def measure(args: argparse.Namespace, settings: Any, data: _common.SyntheticData
                      *(f"sink@{s}" for s in args.chunk_sizes)]  # fmt: skip
             if tuned is not None:
                 insert_batch([], engine=tuned)
-                names += [
-                    "sink_work_mem",
-                    "proto_lookup_copy",
-                    "proto_lookup_copy_all_conflicts",
-                    "proto_copy_first",
-                    "proto_copy_first_all_conflicts",
-                ]
+                names.append("sink_work_mem")
             results = {name: Measurement(name) for name in names}
             results["sink"].note = f"chunk_size {settings.insert_batch_size} (INSERT_BATCH_SIZE)"
             results["orm"].note = f"{len(orm_events):,} rows ({args.orm_fraction:g} of them)"
@@ -692,8 +599,6 @@ def measure(args: argparse.Namespace, settings: Any, data: _common.SyntheticData
                 results[
                     "sink_work_mem"
                 ].note = "insert_batch, session work_mem=64MB temp_buffers=64MB"
-                results["proto_lookup_copy"].note = "prototype: key look-up, then direct COPY"
-                results["proto_copy_first"].note = "prototype: direct COPY, stage path on conflict"
             scratch = Path(
                 tempfile.mkdtemp(prefix="bench-insert-", dir=settings.data_dir.resolve())
             )

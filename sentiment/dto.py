@@ -149,16 +149,24 @@ class RawEventDTO(BaseModel):
 
     @property
     def payload_json(self) -> bytes:
-        """`payload` as JSON (cleaned, if it skipped validation), encoded once.
+        """`payload` as JSON, encoded once.
 
         The scraper, the batch blob, the database COPY and the CSV all need these
         bytes; encoding a cold 1.5 KB payload costs ~7 µs, so it happens once per
         process: `from_reddit` and `load_events` keep the bytes they already have.
+        A payload that skipped validation is encoded as it is (a NUL stays, and
+        the database refuses the row); only what JSON cannot hold at all (a lone
+        surrogate, a huge integer) is cleaned first.
         """
         try:
             return self._payload_json  # type: ignore[attr-defined,no-any-return]
         except AttributeError:
-            return self._keep_json(clean_json(self.payload)[1])
+            pass
+        try:
+            encoded = orjson.dumps(self.payload)
+        except (TypeError, orjson.JSONEncodeError):
+            encoded = clean_json(self.payload)[1]
+        return self._keep_json(encoded)
 
     def _keep_json(self, encoded: bytes) -> bytes:
         object.__setattr__(self, "_payload_json", encoded)  # a frozen model; not a field

@@ -116,7 +116,15 @@ def test_a_payload_that_skipped_validation_is_cleaned_when_encoded():
         id="abc", occurred_at=datetime(2024, 1, 1, tzinfo=UTC), source="reddit",
         source_id="stocks", event_type="comment", payload={"body": "nul\x00 and \ud800"},
     )  # fmt: skip
-    assert orjson.loads(event.payload_json) == {"body": "nul and \ufffd"}
+    assert orjson.loads(event.payload_json) == {"body": "nul and \ufffd"}  # JSON cannot hold it
+
+
+def test_a_nul_that_skipped_validation_reaches_the_database_to_be_refused():
+    event = RawEventDTO.model_construct(
+        id="abc", occurred_at=datetime(2024, 1, 1, tzinfo=UTC), source="reddit",
+        source_id="stocks", event_type="comment", payload={"body": "nul\x00"},
+    )  # fmt: skip
+    assert event.payload_json == b'{"body":"nul\\u0000"}'  # the sink quarantines such a row
 
 
 reddit_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=200)

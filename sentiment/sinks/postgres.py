@@ -1,22 +1,47 @@
-"""Batch insert into raw_events: binary COPY into a stage table, then one INSERT.
+"""Batch insert into raw_events: binary COPY straight in, or through a stage table.
 
 `insert_batch(events)` returns exactly the events that were new, so the CSV
 export writes each row once however often a batch is re-sent.
 
-How a chunk of events is stored (one transaction per chunk):
+Events are split into chunks (of the deduplicated batch, in the order given);
+each chunk is stored in one transaction, its rows in (id, occurred_at) order.
+A chunk is first tried the fast way:
 
-1. binary COPY into `raw_events_stage`, a temporary table kept per connection
-   (`ON COMMIT DELETE ROWS`, so it never bloats the catalog or leaks rows);
-2. `INSERT INTO raw_events SELECT … FROM raw_events_stage ORDER BY id,
-   occurred_at ON CONFLICT DO NOTHING RETURNING id, occurred_at`.
+* direct path: one binary COPY of the whole chunk straight into `raw_events`,
+  with no look-up. If the COPY succeeds, every row of the chunk was new.
 
-DO NOTHING on conflict because a retried task re-sends rows we already have.
-ORDER BY because two transactions inserting overlapping batches in different
-orders can deadlock on each other's uncommitted keys; in one order they queue.
+A COPY cannot skip rows that exist already: one stored key fails it with a
+unique violation (a re-sent batch, or a concurrent writer of overlapping
+events, which may also surface as a deadlock). The chunk is then rolled back
+and stored the exact way:
 
-A chunk the database refuses is split in halves until the refusing record is
-alone; that record goes to `rejected_events` with the reason, and the rest is
-stored. A database that is down raises `ServiceUnavailable` (retryable).
+* stage path: binary COPY into `raw_events_stage`, a temporary table kept per
+  connection (`ON COMMIT DELETE ROWS`, so it never bloats the catalog or
+  leaks rows), then `INSERT INTO raw_events SELECT … FROM raw_events_stage
+  ORDER BY id COLLATE "C", occurred_at ON CONFLICT DO NOTHING RETURNING id,
+  occurred_at`, whose RETURNING names the rows that were new.
+
+A failed COPY costs the encoding of its chunk, and the rows it had written
+before the conflict become dead tuples; so once a COPY has met stored rows,
+the next chunks of the same call go straight to the stage path, until one of
+them turns out to hold no stored row at all (a re-sent batch costs one failed
+COPY; a batch that only starts with rows seen before goes back to COPY).
+
+Both paths write a chunk's rows in the same order, (id, occurred_at) by code
+point (`COLLATE "C"`, as Python sorts str): two transactions inserting
+overlapping chunks in different orders could deadlock on each other's
+uncommitted keys; in one order they queue. DO NOTHING on conflict because a
+retried task re-sends rows we already have.
+
+With a `batch_id`, each chunk's outcome (which keys were new, how many were
+rejected) is written to `ingested_batches` in the chunk's transaction, whichever
+path stored it; a re-run of the batch replays those records instead of storing
+the chunks again.
+
+A chunk the database refuses for any other reason (a record it cannot take)
+goes to the stage path, where it is split in halves until the refusing record
+is alone; that record goes to `rejected_events` with the reason, and the rest
+is stored. A database that is down raises `ServiceUnavailable` (retryable).
 """
 
 from __future__ import annotations
@@ -27,10 +52,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg import errors
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types.json import Jsonb
@@ -53,11 +80,15 @@ CREATE TEMP TABLE IF NOT EXISTS raw_events_stage (
     id text, occurred_at timestamptz, source text, source_id text, event_type text, payload jsonb
 ) ON COMMIT DELETE ROWS
 """
+_TYPES = ["text", "timestamptz", "text", "text", "text", "jsonb"]
 _COPY_STAGE = f"COPY raw_events_stage ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_COPY_DIRECT = f"COPY raw_events ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+# "C" orders text by code point, as Python orders str: the direct path sorts its
+# rows in Python, and both paths must take a chunk's keys in one order.
 _INSERT_NEW = f"""
 INSERT INTO raw_events ({_COLUMNS})
 SELECT {_COLUMNS} FROM raw_events_stage
-ORDER BY id, occurred_at
+ORDER BY id COLLATE "C", occurred_at
 ON CONFLICT (id, occurred_at) DO NOTHING
 RETURNING id, occurred_at
 """
@@ -87,13 +118,17 @@ class InsertResult:
 
 
 class _OrjsonJsonbDumper(Dumper):
-    """jsonb in binary COPY is a version byte and the JSON text; orjson writes it fastest."""
+    """jsonb in binary COPY is a version byte and the JSON text.
+
+    The COPY hands it each event's `payload_json`, encoded once already; anything
+    else is encoded with orjson, the fastest encoder.
+    """
 
     format = Format.BINARY
     oid = _JSONB_OID
 
     def dump(self, obj: Any) -> bytes:
-        return b"\x01" + orjson.dumps(obj)
+        return b"\x01" + (obj if isinstance(obj, bytes) else orjson.dumps(obj))
 
 
 @lru_cache(maxsize=1)
@@ -153,6 +188,9 @@ class _Batch:
     batch_id: str | None
     result: InsertResult
     recorded: dict[tuple[int, int], tuple[list[Any], int]] = field(default_factory=dict)
+    # Try the direct COPY first: at the start of a call, and again after a chunk
+    # the stage path found to hold no stored row.
+    copy_first: bool = True
 
 
 def _dedupe(events: Sequence[RawEventDTO]) -> list[RawEventDTO]:
@@ -181,12 +219,88 @@ def _recorded_chunks(
 
 
 def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
-    """Store events[first:last] in one transaction; on a refused record, split and retry."""
-    chunk = batch.events[first:last]
+    """Store events[first:last] in one transaction: a direct COPY if it may be new, else staged."""
     if (first, last) in batch.recorded:
-        keys, rejected = batch.recorded[(first, last)]
-        _count(batch.result, chunk, [(k[0], _EPOCH + k[1] * _MICROSECOND) for k in keys], rejected)
+        _replay(batch, first, last)
         return
+    if batch.copy_first:
+        try:
+            copied = _copy_direct(conn, batch, first, last)
+        except (errors.UniqueViolation, errors.DeadlockDetected) as exc:
+            # Some keys are stored already (or being stored by a concurrent
+            # writer): only the stage path can tell which rows are new.
+            batch.copy_first = False
+            _log_path(first, last, "stage", f"direct COPY met stored rows ({type(exc).__name__})")
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            # A record the database refuses: the stage path finds and quarantines it.
+            _log_path(first, last, "stage", f"direct COPY refused ({type(exc).__name__})")
+        else:
+            batch.result.new.extend(copied)
+            _log_path(first, last, "copy", "direct COPY")
+            return
+    else:
+        _log_path(first, last, "stage", "stored rows seen earlier in this call")
+    duplicates = batch.result.duplicates
+    _stage_chunk(conn, batch, first, last)
+    if batch.result.duplicates == duplicates:
+        batch.copy_first = True
+
+
+def _replay(batch: _Batch, first: int, last: int) -> None:
+    keys, rejected = batch.recorded[(first, last)]
+    new_keys = [(k[0], _EPOCH + k[1] * _MICROSECOND) for k in keys]
+    _count(batch.result, batch.events[first:last], new_keys, rejected)
+
+
+def _log_path(first: int, last: int, path: str, why: str) -> None:
+    log.debug(
+        "rows %d-%d: %s path (%s)",
+        first,
+        last,
+        path,
+        why,
+        extra={"sink_rows": (first, last), "sink_path": path, "sink_reason": why},
+    )
+
+
+def _copy_direct(
+    conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int
+) -> list[RawEventDTO]:
+    """COPY events[first:last] straight into raw_events and record them, in one transaction.
+
+    Returns the events in the order written; raises (and rolls back) if any of
+    them is stored already, or refused.
+    """
+    chunk = _in_key_order(batch.events[first:last])
+    with conn.transaction():
+        with conn.cursor() as cur, cur.copy(_COPY_DIRECT) as copy:
+            copy.set_types(_TYPES)
+            write_row = copy.write_row
+            for row in _rows(chunk):
+                write_row(row)
+        if batch.batch_id is not None:
+            _record(conn, batch, first, last, [event.key for event in chunk], rejected=0)
+    return chunk
+
+
+def _in_key_order(events: list[RawEventDTO]) -> list[RawEventDTO]:
+    """`events` sorted by (id, occurred_at).
+
+    Two stable sorts on one attribute each: twice as fast as one on a tuple key.
+    """
+    ordered = sorted(events, key=attrgetter("occurred_at"))
+    ordered.sort(key=attrgetter("id"))
+    return ordered
+
+
+def _stage_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
+    """Store events[first:last] through the stage table; on a refused record, split and retry."""
+    if (first, last) in batch.recorded:
+        _replay(batch, first, last)
+        return
+    chunk = batch.events[first:last]
     try:
         with conn.transaction():
             new_keys = _copy_and_insert(conn, chunk)
@@ -201,8 +315,8 @@ def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
             batch.result.rejected += 1
             return
         middle = (first + last) // 2
-        _store_chunk(conn, batch, first, middle)
-        _store_chunk(conn, batch, middle, last)
+        _stage_chunk(conn, batch, first, middle)
+        _stage_chunk(conn, batch, middle, last)
         return
     _count(batch.result, chunk, new_keys, 0)
 
@@ -239,7 +353,7 @@ def _copy_and_insert(
 ) -> list[tuple[str, datetime]]:
     with conn.cursor() as cur:
         with cur.copy(_COPY_STAGE) as copy:
-            copy.set_types(["text", "timestamptz", "text", "text", "text", "jsonb"])
+            copy.set_types(_TYPES)
             for row in _rows(chunk):
                 copy.write_row(row)
         cur.execute(_INSERT_NEW)
@@ -248,7 +362,7 @@ def _copy_and_insert(
 
 def _rows(chunk: list[RawEventDTO]) -> Iterator[tuple[Any, ...]]:
     for e in chunk:
-        yield (e.id, e.occurred_at, e.source, e.source_id, e.event_type, e.payload)
+        yield (e.id, e.occurred_at, e.source, e.source_id, e.event_type, e.payload_json)
 
 
 def _reject(conn: psycopg.Connection[Any], event: RawEventDTO, exc: psycopg.Error) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from psycopg.types.json import Jsonb
+from sqlalchemy import create_engine, text
 
-from sentiment.dto import RawEventDTO
+from sentiment.dto import RawEventDTO, dump_events, load_events
 from sentiment.sinks.postgres import insert_batch
 from tests.factories import make_event, make_events, make_poison
 
@@ -91,11 +98,11 @@ def test_same_id_at_another_time_is_another_event(db):
     assert len(insert_batch([a, b]).new) == 2
 
 
-def _insert_in_child(events_json: list[str]) -> int:
+def _insert_in_child(blob: bytes) -> list[tuple[str, datetime]]:
     from sentiment.sinks.postgres import insert_batch as child_insert
 
-    events = [RawEventDTO.model_validate_json(e) for e in events_json]
-    return len(child_insert(events, chunk_size=50).new)
+    # A batch travels between processes as the pipeline's blob.
+    return [e.key for e in child_insert(load_events(blob), chunk_size=50).new]
 
 
 def test_two_processes_inserting_overlapping_batches_store_each_event_once(db):
@@ -106,12 +113,11 @@ def test_two_processes_inserting_overlapping_batches_store_each_event_once(db):
     right = list(reversed(events[500:]))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
-        counts = pool.map(
-            _insert_in_child,
-            [[e.model_dump_json() for e in left], [e.model_dump_json() for e in right]],
-        )
+        first, second = pool.map(_insert_in_child, [dump_events(left), dump_events(right)])
 
-    assert sum(counts) == 2000
+    assert len(first) + len(second) == 2000
+    assert set(first) | set(second) == {e.key for e in events}
+    assert set(first) & set(second) == set()
     assert len(_stored_keys(db)) == 2000
 
 
@@ -183,3 +189,211 @@ def test_a_rejected_record_is_quarantined_once_across_reruns(db):
     assert len(again.new) == 20
     with db.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM rejected_events")).scalar() == 1
+
+
+# -- which path stored a chunk: the direct COPY, or the stage table ----------------------
+
+
+@pytest.fixture
+def paths(caplog):
+    """The path each chunk took, in order, as ("first-last", path, reason), from the debug log."""
+    caplog.set_level(logging.DEBUG, logger="sentiment.sinks.postgres")
+
+    def taken() -> list[tuple[str, str, str]]:
+        return [
+            ("{}-{}".format(*r.sink_rows), r.sink_path, r.sink_reason)
+            for r in caplog.records
+            if hasattr(r, "sink_path")
+        ]
+
+    return taken
+
+
+def test_a_new_batch_is_copied_straight_in_and_returned_whole(db, paths):
+    now = datetime.now(UTC)
+    events = make_events(250)
+    # One id at two times, and ids that are prefixes of each other.
+    events += [
+        make_event(event_id="abc", occurred_at=now - timedelta(hours=1)),
+        make_event(event_id="abc", occurred_at=now - timedelta(hours=2)),
+        make_event(event_id="abc0", occurred_at=now - timedelta(hours=2)),
+        make_event(event_id="ab", occurred_at=now - timedelta(hours=1)),
+    ]
+    random.shuffle(events)
+
+    result = insert_batch(events, chunk_size=100)
+
+    assert [path for _, path, _ in paths()] == ["copy", "copy", "copy"]
+    assert {e.key for e in result.new} == {e.key for e in events}
+    assert (result.duplicates, result.rejected) == (0, 0)
+    assert sorted(_stored_keys(db)) == sorted(e.key for e in events)
+    # Each chunk's rows come back in the order they were written: (id, occurred_at).
+    for start in range(0, len(events), 100):
+        chunk_keys = [e.key for e in result.new[start : start + 100]]
+        assert chunk_keys == sorted(e.key for e in events[start : start + 100])
+
+
+def test_some_rows_stored_falls_back_to_the_stage_path_and_returns_exactly_the_new(db, paths):
+    stored = make_events(30)
+    insert_batch(stored)
+    fresh = make_events(70)
+    batch = fresh[:40] + stored[:10] + fresh[40:]
+
+    result = insert_batch(batch)
+
+    assert paths()[-1] == ("0-80", "stage", "direct COPY met stored rows (UniqueViolation)")
+    assert {e.key for e in result.new} == {e.key for e in fresh}
+    assert (result.duplicates, result.rejected) == (10, 0)
+    assert sorted(_stored_keys(db)) == sorted(e.key for e in stored + fresh)
+    # The stage path wrote the new rows in the order the COPY would have (RETURNING
+    # gives them in the order written).
+    assert [e.key for e in result.new] == sorted(e.key for e in fresh)
+
+
+def test_a_resent_batch_costs_one_failed_copy(db, paths):
+    events = make_events(500)
+    insert_batch(events, chunk_size=100)
+
+    again = insert_batch(events, chunk_size=100)
+
+    assert again.new == []
+    assert again.duplicates == 500
+    assert paths()[5:] == [
+        ("0-100", "stage", "direct COPY met stored rows (UniqueViolation)"),
+        *((f"{s}-{s + 100}", "stage", "stored rows seen earlier in this call")
+          for s in range(100, 500, 100)),
+    ]  # fmt: skip
+
+
+def test_after_stored_rows_a_chunk_of_only_new_rows_brings_the_copy_back(db, paths):
+    stored = make_events(150)
+    insert_batch(stored)
+    fresh = make_events(350)
+
+    result = insert_batch(stored + fresh, chunk_size=100)
+
+    assert [(rows, path) for rows, path, _ in paths()[1:]] == [
+        ("0-100", "stage"),  # the COPY met stored rows
+        ("100-200", "stage"),  # half stored
+        ("200-300", "stage"),  # all new: the next chunk tries the COPY again
+        ("300-400", "copy"),
+        ("400-500", "copy"),
+    ]
+    assert {e.key for e in result.new} == {e.key for e in fresh}
+    assert result.duplicates == 150
+
+
+def test_poison_in_a_chunk_after_direct_copies_is_quarantined_and_the_rest_stored(db, paths):
+    good = make_events(150)
+    poison = make_poison(event_id="zzz997", payload={"title": "bad\x00byte"})
+    batch = good[:75] + [poison] + good[75:]
+
+    first = insert_batch(batch, batch_id="poisoned", chunk_size=50)
+    again = insert_batch(batch, batch_id="poisoned", chunk_size=50)
+
+    taken = [(rows, path) for rows, path, _ in paths()]
+    assert taken[:3] == [("0-50", "copy"), ("50-100", "stage"), ("100-150", "copy")]
+    assert paths()[1][2] == "direct COPY refused (UntranslatableCharacter)"
+    assert first.rejected == again.rejected == 1
+    assert {e.key for e in first.new} == {e.key for e in good}
+    assert [e.key for e in again.new] == [e.key for e in first.new]
+    assert sorted(_stored_keys(db)) == sorted(e.key for e in good)
+    with db.connect() as conn:
+        rejected = conn.execute(text("SELECT event_id, reason FROM rejected_events")).all()
+    assert [r.event_id for r in rejected] == ["zzz997"]
+    assert "\\u0000 cannot be converted to text" in rejected[0].reason
+
+
+def test_a_batch_copied_straight_in_hands_on_the_same_new_rows_when_run_again(db, paths):
+    events = make_events(120)
+
+    first = insert_batch(events, batch_id="direct", chunk_size=50)
+    again = insert_batch(events, batch_id="direct", chunk_size=50)
+
+    assert [path for _, path, _ in paths()] == ["copy", "copy", "copy"]  # nothing on the re-run
+    assert len(first.new) == 120
+    assert [e.key for e in again.new] == [e.key for e in first.new]
+    assert (again.duplicates, again.rejected) == (0, 0)
+    assert insert_batch(events, batch_id="another").new == []
+
+
+def _new_keys_when_all_start(go: threading.Barrier, batch: list[RawEventDTO]) -> set:
+    go.wait(30)
+    return {e.key for e in insert_batch(batch, chunk_size=100).new}
+
+
+def test_threads_inserting_overlapping_batches_store_each_event_once(db, paths):
+    # Both threads start on the same rows at the same moment, in orders of their
+    # own, so a COPY waits on the other's uncommitted keys and then meets them;
+    # each also has rows no one else has.
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            shared, own = make_events(600), [make_events(400), make_events(400)]
+            batches = [shared + own[0], random.sample(shared, len(shared)) + own[1]]
+            go = threading.Barrier(2)
+            first, second = pool.map(_new_keys_when_all_start, [go, go], batches)
+
+            assert first | second == {e.key for e in shared + own[0] + own[1]}
+            assert first & second == set()
+            assert {e.key for e in own[0]} <= first
+            assert {e.key for e in own[1]} <= second
+    stored = _stored_keys(db)
+    assert len(stored) == len(set(stored)) == 3 * 1400
+    taken = paths()
+    assert any(path == "copy" for _, path, _ in taken)
+    assert any("met stored rows" in why for _, _, why in taken)
+
+
+def _wait_until_waiting_for_a_lock(look: psycopg.Connection, application_name: str) -> None:
+    deadline = time.monotonic() + 10
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = %s AND wait_event_type = 'Lock'"
+    )
+    while not look.execute(query, (application_name,)).fetchone()[0]:
+        assert time.monotonic() < deadline, f"{application_name} never waited for a lock"
+        time.sleep(0.01)
+
+
+def test_a_deadlock_in_the_direct_copy_falls_back_to_the_stage_path(settings, db, paths):
+    # Another writer holds the chunk's last key, the COPY waits on it, and then
+    # that writer asks for the chunk's first key: a deadlock the COPY loses (its
+    # deadlock_timeout runs out first), so the chunk goes the stage way.
+    events = sorted(make_events(10), key=lambda e: e.key)
+    url = settings.database_url(driver="psycopg")
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    insert = (
+        "INSERT INTO raw_events (id, occurred_at, source, source_id, event_type, payload)"
+        " VALUES (%s, %s, %s, %s, %s, %s)"
+    )
+
+    def row(e: RawEventDTO) -> tuple:
+        return (e.id, e.occurred_at, e.source, e.source_id, e.event_type, Jsonb(e.payload))
+
+    with psycopg.connect(dsn) as other, psycopg.connect(dsn, autocommit=True) as look:
+        superuser = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+        if not look.execute(superuser).fetchone()[0]:
+            pytest.skip("setting deadlock_timeout needs a superuser")
+        other.execute("SET deadlock_timeout = '60s'")
+        other.execute(insert, row(events[-1]))
+        sink = create_engine(
+            url,
+            connect_args={
+                "application_name": "sink-deadlock-test",
+                "options": "-c deadlock_timeout=3s",
+            },
+        )
+        result: list = []
+        worker = threading.Thread(target=lambda: result.append(insert_batch(events, engine=sink)))
+        worker.start()
+        _wait_until_waiting_for_a_lock(look, "sink-deadlock-test")
+        other.execute(insert, row(events[0]))  # returns once the COPY gave up its keys
+        other.commit()
+        worker.join(30)
+        sink.dispose()
+
+    assert paths()[0][1:] == ("stage", "direct COPY met stored rows (DeadlockDetected)")
+    (stored,) = result
+    assert {e.key for e in stored.new} == {e.key for e in events[1:-1]}
+    assert stored.duplicates == 2
+    assert sorted(_stored_keys(db)) == sorted(e.key for e in events)
