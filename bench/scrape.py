@@ -8,11 +8,12 @@ simulator's default text sizes (200-1800 characters of body).
 
   scraper      the real path: asyncpraw built by `make_reddit`, with the shared
                Redis limiter (embedded Redis; a limit so high it never waits, so
-               only its two Lua round trips per request are measured), then
+               only its cost is measured: `acquire` before each request, `observe`
+               after it), then
                `scrape_subreddit(..., depth=1000)` backfilling every subreddit:
-               listing pages -> JSON -> RawEventDTO. Like the pipeline, the two
-               kinds of one subreddit are fetched concurrently, subreddits one
-               after the other.
+               listing pages -> JSON (orjson, `sentiment.reddit.jsondecode`) ->
+               RawEventDTO. Like the pipeline, the two kinds of one subreddit are
+               fetched concurrently, subreddits one after the other.
   scraper_nolimiter
                the same with `limiter=None`, to show what the limiter costs.
   ceiling      plain aiohttp over the SAME pages: same URLs and query
@@ -44,20 +45,22 @@ Where the time goes (the scraper is far below the ceiling on this machine):
 
   breakdown    in process, no HTTP, on the bodies of one pass: microseconds per
                item of each step (fastest of --breakdown-reps): the ceiling's
-               json.loads, asyncpraw's decode with the objects kept, the DTO,
-               clean_json; and the limiter's two Redis round trips per request.
+               json.loads, aiohttp's default decode and the scraper's
+               (`decode_json`) with the objects kept, the DTO, clean_json; and
+               the limiter's Redis round trips per request: acquire + observe
+               back to back, and acquire alone (what a request waits for).
   profile      if the scraper misses its ratio (or with --profile), one extra
                scraper pass under cProfile: own time by area, top functions.
   prototypes   (bench only; --no-variants skips them) the scraper with, for
                its own calls only:
-                 proto_orjson     responses decoded by orjson from bytes
-                                  (json.loads where orjson would differ);
                  proto_dto        RawEventDTO's occurred_at and payload
                                   validators in mode="plain" (no second
                                   pydantic pass copying every payload);
-                 proto            both; proto_nolimiter: both, limiter=None.
+                 proto_dto_nolimiter
+                                  the same, limiter=None.
                Each prototype is first checked to give exactly the pipeline's
-               events (every item of a pass, and adversarial items).
+               events (every item of a pass, and adversarial items), and
+               `decode_json` to give exactly `json.loads` on every page.
 
     python bench/scrape.py --repeat 3 --json
 """
@@ -92,15 +95,14 @@ import _common
 _common.configure_environment()  # before anything reads Settings
 
 import aiohttp  # noqa: E402
-import orjson  # noqa: E402
 from pydantic import ValidationError, field_validator  # noqa: E402
 from redis.asyncio import Redis as AsyncRedis  # noqa: E402
 
 from sentiment.config import Settings, get_settings  # noqa: E402
 from sentiment.dto import RawEventDTO, _to_utc, clean_json  # noqa: E402
-from sentiment.reddit import client as client_module  # noqa: E402
 from sentiment.reddit import scraper as scraper_module  # noqa: E402
-from sentiment.reddit.client import CountingRequestor, make_reddit  # noqa: E402
+from sentiment.reddit.client import make_reddit  # noqa: E402
+from sentiment.reddit.jsondecode import decode_json  # noqa: E402
 from sentiment.reddit.ratelimit import SharedRateLimiter, limiter_key  # noqa: E402
 from sentiment.reddit.scraper import KINDS, PAGE_SIZE, scrape_subreddit  # noqa: E402
 from sentiment.reddit.simulator import (  # noqa: E402
@@ -276,17 +278,15 @@ class Pass:
 class ScraperClient:
     """asyncpraw from `make_reddit`, kept warm across passes.
 
-    `limiter`: with the shared Redis limiter (else `limiter=None`). The two
-    prototypes (bench only, see "prototypes" below) swap in, for this client's
-    calls only, `OrjsonRequestor` (orjson decodes the responses) and
-    `plain_to_event` (the DTO's validators in mode="plain": no second pass).
+    `limiter`: with the shared Redis limiter (else `limiter=None`). The
+    prototype (bench only, see "prototypes" below) swaps in, for this client's
+    calls only, `plain_to_event` (the DTO's validators in mode="plain": no
+    second pass).
     """
 
-    def __init__(
-        self, settings: Settings, *, limiter: bool, orjson: bool = False, fast_dto: bool = False
-    ) -> None:
+    def __init__(self, settings: Settings, *, limiter: bool, fast_dto: bool = False) -> None:
         self.settings = settings
-        self.limiter_on, self.orjson, self.fast_dto = limiter, orjson, fast_dto
+        self.limiter_on, self.fast_dto = limiter, fast_dto
         self._redis: AsyncRedis | None = None
         self._limiter_id = f"bench-scrape-{uuid.uuid4().hex[:8]}"
         self.reddit: Any = None
@@ -298,9 +298,7 @@ class ScraperClient:
             limiter = SharedRateLimiter(
                 self._redis, self._limiter_id, limit=NEVER_WAIT, window_seconds=60
             )
-        requestor = OrjsonRequestor if self.orjson else CountingRequestor
-        with patched(client_module, "CountingRequestor", requestor):
-            self.reddit = make_reddit(self.settings, limiter)
+        self.reddit = make_reddit(self.settings, limiter)
         # The token and a first connection, outside any timed region.
         await self.reddit.request(method="GET", path=f"r/{warm_subreddit}/new", params={"limit": 1})
 
@@ -427,49 +425,6 @@ def patched(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, original)
 
 
-# orjson reads an integer beyond 64 bits as a (lossy) float, json as an int that clean_json
-# then turns into a string: a body with a run of 20 digits anywhere goes to json. One C
-# translate and one substring search: far cheaper than a regex over the ~200 KB page.
-_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_TWENTY_DIGITS = b"0" * 20
-
-
-def _orjson_decode(body: bytes) -> Any:
-    """What `json.loads(body)` returns, decoded by orjson whenever that gives the same."""
-    if _TWENTY_DIGITS not in body.translate(_DIGITS_TO_ZERO):
-        with contextlib.suppress(orjson.JSONDecodeError):  # lone surrogates, NaN: json's job
-            return orjson.loads(body)
-    return json.loads(body)
-
-
-class OrjsonResponse(aiohttp.ClientResponse):
-    """`json()` decodes the body bytes with orjson (C, no str copy) instead of `json.loads`,
-    with the same result (see `_orjson_decode`)."""
-
-    async def json(self, *, loads: Any = json.loads, content_type: str | None = "application/json",
-                   encoding: str | None = None) -> Any:  # fmt: skip
-        body = await self.read()
-        if (
-            loads is not json.loads
-            or encoding is not None
-            or (content_type and content_type not in self.content_type)
-        ):
-            return await super().json(loads=loads, content_type=content_type, encoding=encoding)
-        body = body.strip()
-        return _orjson_decode(body) if body else None
-
-
-class OrjsonRequestor(CountingRequestor):
-    """CountingRequestor whose aiohttp session builds `OrjsonResponse`s."""
-
-    async def _ensure_session(self) -> None:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(
-                headers=self.headers, timeout=aiohttp.ClientTimeout(total=None),
-                response_class=OrjsonResponse,
-            )  # fmt: skip
-
-
 class PlainValidatorsDTO(RawEventDTO):
     """RawEventDTO with its occurred_at and payload validators in mode="plain".
 
@@ -521,7 +476,8 @@ def construct_to_event(item: dict[str, Any], subreddit: str, kind: str) -> RawEv
 
 
 def check_prototypes(pages: list[Page], evil: list[Page]) -> int:
-    """Both prototypes give exactly what the pipeline's code gives; returns items compared.
+    """The DTO prototypes give exactly what the pipeline's code gives, and `decode_json`
+    exactly what `json.loads` gives; returns items compared.
 
     Compared on every page of a pass and on the simulator's adversarial items
     (NUL, lone surrogates, 200 KB bodies, emoji, RTL, [deleted]).
@@ -529,8 +485,8 @@ def check_prototypes(pages: list[Page], evil: list[Page]) -> int:
     compared = 0
     for name, kind, body in pages + evil:
         reference = json.loads(body.decode())
-        if _orjson_decode(body) != reference:
-            raise RuntimeError(f"OrjsonResponse decodes a page of r/{name} differently")
+        if repr(decode_json(body)) != repr(reference):  # repr: ints stay ints, NaN equals NaN
+            raise RuntimeError(f"decode_json decodes a page of r/{name} differently")
         for child in reference["data"]["children"]:
             theirs = scraper_module._to_event(child["data"], name, kind)
             for build in (plain_to_event, construct_to_event):
@@ -566,11 +522,11 @@ def cost_breakdown(pages: list[Page], reps: int) -> dict[str, float]:
         "json.loads(bytes), discarded (the ceiling)": lambda: [
             json.loads(body) and None for _, _, body in pages
         ],
-        "json.loads(body.decode()), kept (asyncpraw)": lambda: [
+        "json.loads(body.decode()), kept (aiohttp's default)": lambda: [
             json.loads(body.decode()) for _, _, body in pages
         ],
-        "orjson.loads(bytes), kept (OrjsonResponse)": lambda: [
-            _orjson_decode(body) for _, _, body in pages
+        "decode_json(bytes), kept (the scraper: orjson)": lambda: [
+            decode_json(body) for _, _, body in pages
         ],
         "_to_event: RawEventDTO(...) (now)": lambda: [
             scraper_module._to_event(i, name, k) for name, k, i in items
@@ -588,8 +544,9 @@ def cost_breakdown(pages: list[Page], reps: int) -> dict[str, float]:
     return {label: round(_best_us_per_item(fn, n, reps), 2) for label, fn in steps.items()}
 
 
-async def limiter_cost_us(settings: Settings, requests: int = 500) -> float:
-    """Microseconds of one acquire + observe pair (two Lua round trips to Redis)."""
+async def limiter_cost_us(settings: Settings, requests: int = 500) -> tuple[float, float]:
+    """Microseconds per request of acquire + observe back to back (two Lua round trips to
+    Redis), and of acquire alone."""
     redis = AsyncRedis.from_url(settings.redis_connection_url())
     key_id = f"bench-scrape-{uuid.uuid4().hex[:8]}"
     limiter = SharedRateLimiter(redis, key_id, limit=NEVER_WAIT, window_seconds=60)
@@ -601,7 +558,11 @@ async def limiter_cost_us(settings: Settings, requests: int = 500) -> float:
         for _ in range(requests):
             await limiter.acquire()
             await limiter.observe(headers, status=200)
-        return 1e6 * (time.perf_counter() - started) / requests
+        both = 1e6 * (time.perf_counter() - started) / requests
+        started = time.perf_counter()
+        for _ in range(requests):
+            await limiter.acquire()
+        return both, 1e6 * (time.perf_counter() - started) / requests
     finally:
         await redis.delete(limiter_key(key_id))
         await redis.aclose()
@@ -706,7 +667,8 @@ AREAS = (  # (area, path fragments), first match wins; the order matters
     ("limiter (redis)", ("sentiment/reddit/ratelimit.py", "/redis/")),
     ("RawEventDTO (pydantic, clean_json)", ("sentiment/dto.py", "pydantic", "sentiment/config.py",
                                             "orjson.dumps", "fromtimestamp", "re.Pattern")),
-    ("JSON decode", ("json/decoder.py", "json/__init__.py", "<method 'decode'")),
+    ("JSON decode", ("json/decoder.py", "json/__init__.py", "<method 'decode'",
+                     "sentiment/reddit/jsondecode.py", "orjson.loads", "<method 'translate'")),
     ("asyncpraw/asyncprawcore", ("/asyncpraw", "sentiment/reddit/client.py", "/tenacity/")),
     ("aiohttp (HTTP client)", ("/aiohttp/", "/yarl/", "/multidict/")),
     ("asyncio and sockets", ("/asyncio/", "selectors.py", "<method 'recv", "<method 'send",
@@ -775,10 +737,8 @@ CLIENTS = {  # name: ScraperClient options; "ceiling" is the plain aiohttp clien
     "scraper_nolimiter": {"limiter": False},
 }
 PROTOTYPES = {
-    "proto_orjson": {"limiter": True, "orjson": True},
     "proto_dto": {"limiter": True, "fast_dto": True},
-    "proto": {"limiter": True, "orjson": True, "fast_dto": True},
-    "proto_nolimiter": {"limiter": False, "orjson": True, "fast_dto": True},
+    "proto_dto_nolimiter": {"limiter": False, "fast_dto": True},
 }
 
 
@@ -866,7 +826,9 @@ async def run_all(args: argparse.Namespace, settings: Settings, sim: SimulatorPr
         evil = await clients["ceiling"].bodies([EVIL], args.depth)
         out["prototypes_checked"] = check_prototypes(pages, evil)
         out["breakdown"] = cost_breakdown(pages, args.breakdown_reps)
-        out["limiter_us_per_request"] = round(await limiter_cost_us(settings), 1)
+        both, acquire = await limiter_cost_us(settings)
+        out["limiter_us_per_request"] = round(both, 1)
+        out["limiter_acquire_us_per_request"] = round(acquire, 1)
         print("requests at steady state ...", flush=True)
         gaps_log = logging.getLogger(scraper_module.__name__)
         level = gaps_log.level
@@ -953,6 +915,7 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
         },
         "breakdown_us_per_item": measured["breakdown"],
         "limiter_us_per_request": measured["limiter_us_per_request"],
+        "limiter_acquire_us_per_request": measured["limiter_acquire_us_per_request"],
         "prototypes_checked_items": measured["prototypes_checked"],
         "incremental": [r.as_json() for r in measured["incremental"]],
         "idle": measured["idle"],
@@ -985,7 +948,8 @@ def print_tables(summary: dict[str, Any], args: argparse.Namespace, items: int) 
     console.print(rates)
     console.print(
         f"the limiter costs {summary['limiter_cost']:.0%} of the scraper's rate here "
-        f"({summary['limiter_us_per_request']:.0f} us per request, two Redis round trips)"
+        f"(two Redis round trips: {summary['limiter_us_per_request']:.0f} us per request back "
+        f"to back, {summary['limiter_acquire_us_per_request']:.0f} us of it the awaited acquire)"
     )
     breakdown = Table(title="cost per item in process, no HTTP (fastest of "
                             f"{args.breakdown_reps}; prototypes checked on "
@@ -997,6 +961,8 @@ def print_tables(summary: dict[str, Any], args: argparse.Namespace, items: int) 
         breakdown.add_row(step, f"{us:.2f}")
     breakdown.add_row("limiter: acquire + observe, per item",
                       f"{summary['limiter_us_per_request'] / PAGE_SIZE:.2f}")  # fmt: skip
+    breakdown.add_row("  of which acquire (awaited by the request), per item",
+                      f"{summary['limiter_acquire_us_per_request'] / PAGE_SIZE:.2f}")  # fmt: skip
     console.print(breakdown)
     steady = Table(title="requests at steady state (K new items per kind per subreddit)",
                    title_justify="left")  # fmt: skip

@@ -1,9 +1,14 @@
 """Reddit clients built from Settings, and Reddit's errors in our own terms.
 
-The async client is asyncpraw with one change: its requestor takes a token
-from the shared limiter before every HTTP request (token requests included)
-and feeds every response's rate-limit headers back to it. asyncpraw keeps
-its authentication, token refresh and 5xx retries.
+The async client is asyncpraw with two changes, both in its requestor:
+
+* it takes a token from the shared limiter before every HTTP request (token
+  requests excepted) and feeds every response's rate-limit headers back to
+  it before the response is used;
+* its aiohttp session decodes JSON bodies with orjson, into the objects
+  `json.loads` would give (`sentiment.reddit.jsondecode`).
+
+asyncpraw keeps its authentication, token refresh and 5xx retries.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from sentiment.errors import (
     RedditUnavailable,
     SubredditUnavailable,
 )
+from sentiment.reddit.jsondecode import OrjsonResponse
 from sentiment.reddit.ratelimit import SharedRateLimiter
 
 __all__ = ["CountingRequestor", "make_reddit", "make_sync_reddit", "translate_error"]
@@ -36,10 +42,21 @@ _TOKEN_PATH = "/api/v1/access_token"  # noqa: S105 - a URL path, not a password
 class CountingRequestor(asyncprawcore.Requestor):
     """An asyncprawcore Requestor that obeys the shared limiter and counts requests."""
 
+    response_class: type[aiohttp.ClientResponse] = OrjsonResponse
+
     def __init__(self, *args: Any, limiter: SharedRateLimiter | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limiter = limiter
         self.requests_sent = 0
+
+    async def _ensure_session(self) -> None:
+        # asyncprawcore's own session, with our response class.
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=None),
+                response_class=self.response_class,
+            )
 
     @asynccontextmanager
     async def request(self, *args: Any, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
