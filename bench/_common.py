@@ -13,7 +13,6 @@ import itertools
 import os
 import random
 import statistics
-import string
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -166,16 +165,6 @@ _DOMAINS = ["self", "i.redd.it", "v.redd.it", "bloomberg.com", "reuters.com", "y
             "twitter.com", "cnbc.com", "imgur.com", "sec.gov"]  # fmt: skip
 
 
-def _base36(number: int) -> str:
-    digits = string.digits + string.ascii_lowercase
-    out = ""
-    while True:
-        number, rem = divmod(number, 36)
-        out = digits[rem] + out
-        if number == 0:
-            return out
-
-
 def _sentences(rng: random.Random, count: int) -> list[str]:
     out = []
     for _ in range(count):
@@ -226,13 +215,14 @@ def make_events(
     import orjson
 
     from sentiment.dto import RawEventDTO
+    from sentiment.reddit.ids import to_base36
 
     started = time.perf_counter()
     rng = random.Random(seed)
     corpus = _sentences(rng, 4000)
     subreddits = _subreddits(rng, subreddit_count)
     weights = [1 / (rank + 1) ** 0.8 for rank in range(len(subreddits))]
-    subreddit_ids = {name: f"t5_{_base36(1000 + i)}" for i, name in enumerate(subreddits)}
+    subreddit_ids = {name: f"t5_{to_base36(1000 + i)}" for i, name in enumerate(subreddits)}
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     first_day = today - timedelta(days=days)
     span_us = days * 86_400 * 1_000_000
@@ -250,7 +240,7 @@ def make_events(
     events = []
     total_bytes = 0
     for number, occurred_at in enumerate(times):
-        event_id = _base36(first_id + number)
+        event_id = to_base36(first_id + number)
         sub = rng.choices(subreddits, weights)[0]
         author = f"{rng.choice(_WORDS)}_{rng.choice(_WORDS)}{rng.randint(1, 9999)}"
         created = occurred_at.timestamp()
@@ -262,13 +252,13 @@ def make_events(
             payload: dict[str, Any] = {
                 "id": event_id, "name": f"t3_{event_id}", "subreddit": sub,
                 "subreddit_id": subreddit_ids[sub],
-                "author": author, "author_fullname": f"t2_{_base36(rng.randrange(36**7))}",
+                "author": author, "author_fullname": f"t2_{to_base36(rng.randrange(36**7))}",
                 "title": text(1.2)[:300], "selftext": text(14) if is_self else "",
                 "created_utc": created, "score": int(rng.paretovariate(1.2)) - 1,
                 "upvote_ratio": round(rng.uniform(0.4, 1.0), 2),
                 "num_comments": int(rng.paretovariate(1.1)) - 1, "permalink": permalink,
                 "url": f"https://www.reddit.com{permalink}" if is_self
-                else f"https://{domain}/{_base36(rng.randrange(36**8))}",
+                else f"https://{domain}/{to_base36(rng.randrange(36**8))}",
                 "domain": domain, "is_self": is_self, "stickied": rng.random() < 0.01,
                 "over_18": rng.random() < 0.02, "spoiler": False, "locked": rng.random() < 0.01,
                 "edited": False if rng.random() < 0.9 else created + rng.randint(60, 86_400),
@@ -278,14 +268,14 @@ def make_events(
             }  # fmt: skip
         else:
             kind = "comment"
-            link = _base36(first_id + rng.randrange(max(1, number)))
+            link = to_base36(first_id + rng.randrange(max(1, number)))
             parent = (
-                link if rng.random() < 0.4 else _base36(first_id + rng.randrange(max(1, number)))
+                link if rng.random() < 0.4 else to_base36(first_id + rng.randrange(max(1, number)))
             )
             payload = {
                 "id": event_id, "name": f"t1_{event_id}", "subreddit": sub,
                 "subreddit_id": subreddit_ids[sub],
-                "author": author, "author_fullname": f"t2_{_base36(rng.randrange(36**7))}",
+                "author": author, "author_fullname": f"t2_{to_base36(rng.randrange(36**7))}",
                 "body": text(7.5), "created_utc": created,
                 "score": int(rng.paretovariate(1.3)) - 1
                 - int(rng.random() < 0.1) * rng.randint(1, 50),  # a downvoted tenth

@@ -8,18 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sentiment.dto import RawEventDTO
+from sentiment.reddit.ids import to_base36 as base36
 
 _counter = itertools.count(1_000_000)
-
-
-def base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        number, rem = divmod(number, 36)
-        out = digits[rem] + out
-        if number == 0:
-            return out
 
 
 def submission_payload(

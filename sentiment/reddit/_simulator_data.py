@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import orjson
 
+from sentiment.reddit.ids import to_base36
+
 __all__ = [
     "ADVERSARIAL_VARIANTS",
     "ItemFactory",
@@ -24,10 +26,7 @@ __all__ = [
     "SubredditInfo",
     "decode_data",
     "encode_thing",
-    "to_base36",
 ]
-
-_DIGITS: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 # One hazard per variant, assigned in turn, so any run of len(VARIANTS)
 # adversarial items holds every hazard at least once.
@@ -47,18 +46,6 @@ _WORDS: Final = (  # noqa: SIM905 - a word list reads better as prose
 ).split()
 _ADJECTIVES: Final = ("quiet", "brave", "lucky", "salty", "happy", "lazy", "rapid", "odd")
 _ANIMALS: Final = ("otter", "badger", "falcon", "lemur", "heron", "bison", "gecko", "yak")
-
-
-def to_base36(number: int) -> str:
-    """Spell `number` the way Reddit spells ids (lowercase base36)."""
-    if number < 0:
-        raise ValueError("ids are non-negative")
-    digits: list[str] = []
-    while True:
-        number, rest = divmod(number, 36)
-        digits.append(_DIGITS[rest])
-        if number == 0:
-            return "".join(reversed(digits))
 
 
 def encode_thing(kind: str, data: dict[str, Any], *, clean: bool) -> bytes:

@@ -20,8 +20,8 @@ from sentiment.reddit._simulator_data import (
     SubredditInfo,
     decode_data,
     encode_thing,
-    to_base36,
 )
+from sentiment.reddit.ids import to_base36
 
 __all__ = ["LISTING_DEPTH", "READABLE", "Catalog", "ItemKind", "Stored", "SubredditKind"]
 

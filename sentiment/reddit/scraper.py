@@ -27,8 +27,9 @@ from sentiment.config import valid_subreddit
 from sentiment.dto import RawEventDTO
 from sentiment.errors import InvalidSubreddit, RedditError
 from sentiment.reddit.client import translate_error
+from sentiment.reddit.ids import base36_to_int
 
-__all__ = ["KINDS", "Kind", "ScrapeResult", "base36_to_int", "scrape_subreddit"]
+__all__ = ["KINDS", "Kind", "ScrapeResult", "scrape_subreddit"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ Kind = Literal["submission", "comment"]
 KINDS: tuple[Kind, ...] = ("submission", "comment")
 _LISTING = {"submission": "new", "comment": "comments"}
 PAGE_SIZE = 100  # Reddit's maximum
-
-
-def base36_to_int(value: str) -> int:
-    return int(value, 36)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from sentiment.dto import RawEventDTO, dump_events
 from sentiment.errors import ServiceUnavailable
+from sentiment.reddit.ids import to_base36 as base36
 from sentiment.sinks.csv import COLUMNS, LEDGER, CsvLedgerCorrupt, export_events
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,15 +29,6 @@ HOUR = timedelta(hours=1)
 # Written independently of the module on purpose: OWASP's list plus full-width forms.
 TRIGGERS = "=+-@\t\r\uff1d\uff0b\uff0d\uff20"
 _serial = iter(range(36**4, 36**6))
-
-
-def base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while number or not out:
-        number, rem = divmod(number, 36)
-        out = digits[rem] + out
-    return out
 
 
 def make(
