@@ -51,16 +51,8 @@ Where the time goes (the scraper is far below the ceiling on this machine):
                back to back, and acquire alone (what a request waits for).
   profile      if the scraper misses its ratio (or with --profile), one extra
                scraper pass under cProfile: own time by area, top functions.
-  prototypes   (bench only; --no-variants skips them) the scraper with, for
-               its own calls only:
-                 proto_dto        RawEventDTO's occurred_at and payload
-                                  validators in mode="plain" (no second
-                                  pydantic pass copying every payload);
-                 proto_dto_nolimiter
-                                  the same, limiter=None.
-               Each prototype is first checked to give exactly the pipeline's
-               events (every item of a pass, and adversarial items), and
-               `decode_json` to give exactly `json.loads` on every page.
+  decoding     `decode_json` is first checked to give exactly `json.loads`'s
+               objects on every page of a pass and on adversarial items.
 
     python bench/scrape.py --repeat 3 --json
 """
@@ -95,11 +87,10 @@ import _common
 _common.configure_environment()  # before anything reads Settings
 
 import aiohttp  # noqa: E402
-from pydantic import ValidationError, field_validator  # noqa: E402
 from redis.asyncio import Redis as AsyncRedis  # noqa: E402
 
 from sentiment.config import Settings, get_settings  # noqa: E402
-from sentiment.dto import RawEventDTO, _to_utc, clean_json  # noqa: E402
+from sentiment.dto import clean_json  # noqa: E402
 from sentiment.reddit import scraper as scraper_module  # noqa: E402
 from sentiment.reddit.client import make_reddit  # noqa: E402
 from sentiment.reddit.jsondecode import decode_json  # noqa: E402
@@ -278,15 +269,12 @@ class Pass:
 class ScraperClient:
     """asyncpraw from `make_reddit`, kept warm across passes.
 
-    `limiter`: with the shared Redis limiter (else `limiter=None`). The
-    prototype (bench only, see "prototypes" below) swaps in, for this client's
-    calls only, `plain_to_event` (the DTO's validators in mode="plain": no
-    second pass).
+    `limiter`: with the shared Redis limiter (else `limiter=None`).
     """
 
-    def __init__(self, settings: Settings, *, limiter: bool, fast_dto: bool = False) -> None:
+    def __init__(self, settings: Settings, *, limiter: bool) -> None:
         self.settings = settings
-        self.limiter_on, self.fast_dto = limiter, fast_dto
+        self.limiter_on = limiter
         self._redis: AsyncRedis | None = None
         self._limiter_id = f"bench-scrape-{uuid.uuid4().hex[:8]}"
         self.reddit: Any = None
@@ -303,9 +291,7 @@ class ScraperClient:
         await self.reddit.request(method="GET", path=f"r/{warm_subreddit}/new", params={"limit": 1})
 
     async def scrape(self, name: str, marks: dict[str, Any], depth: int) -> Any:
-        to_event = plain_to_event if self.fast_dto else scraper_module._to_event
-        with patched(scraper_module, "_to_event", to_event):
-            return await scrape_subreddit(self.reddit, name, marks, depth=depth)
+        return await scrape_subreddit(self.reddit, name, marks, depth=depth)
 
     async def close(self) -> None:
         if self.reddit is not None:
@@ -411,90 +397,17 @@ async def ceiling_pass(client: CeilingClient, subreddits: list[str], depth: int)
     return Pass(items, requests, time.perf_counter() - wall0, time.process_time() - cpu0)
 
 
-# -- prototypes (bench only): what the scraper would gain --------------------------------------
-
-
-@contextlib.contextmanager
-def patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    """Replace module.name for the duration of the block (one client's calls)."""
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-class PlainValidatorsDTO(RawEventDTO):
-    """RawEventDTO with its occurred_at and payload validators in mode="plain".
-
-    In mode="before" (as in sentiment/dto.py) pydantic validates what the
-    validator returned a second time: for `payload: dict[str, Any]` that is a
-    key-by-key copy of the ~50-key dict clean_json just produced (its keys are
-    already str), for occurred_at a re-check of an aware datetime. "plain" makes
-    the validator's result final: same checks, same values, no copy.
-    """
-
-    @field_validator("occurred_at", mode="plain")
-    @classmethod
-    def _check_occurred_at(cls, value: Any) -> datetime:
-        return _to_utc(value)
-
-    @field_validator("payload", mode="plain")
-    @classmethod
-    def _check_payload(cls, value: Any) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise ValueError("payload must be a JSON object")  # noqa: TRY004 - as in dto.py
-        return clean_json(value)[0]
-
-
-def plain_to_event(item: dict[str, Any], subreddit: str, kind: str) -> RawEventDTO | None:
-    """`scraper._to_event` with `PlainValidatorsDTO` (the proposal for sentiment/dto.py)."""
-    try:
-        return PlainValidatorsDTO(
-            id=item["id"], occurred_at=item["created_utc"], source_id=subreddit,
-            event_type=kind, payload=item,
-        )  # fmt: skip
-    except (KeyError, TypeError, ValueError, ValidationError):
-        scraper_module.log.info("skipped a malformed %s in r/%s", kind, subreddit)
-        return None
-
-
-def construct_to_event(item: dict[str, Any], subreddit: str, kind: str) -> RawEventDTO | None:
-    """The other option: the DTO's validators called once each, then `model_construct`
-    (the subreddit name was validated by `scrape_subreddit`, the kind is one of KINDS)."""
-    try:
-        event_id = RawEventDTO._check_id(item["id"])
-        occurred_at = RawEventDTO._check_occurred_at(item["created_utc"])
-        payload = RawEventDTO._check_payload(item)
-    except (KeyError, TypeError, ValueError):
-        scraper_module.log.info("skipped a malformed %s in r/%s", kind, subreddit)
-        return None
-    return RawEventDTO.model_construct(
-        id=event_id, occurred_at=occurred_at, source_id=subreddit, event_type=kind, payload=payload
-    )
-
-
-def check_prototypes(pages: list[Page], evil: list[Page]) -> int:
-    """The DTO prototypes give exactly what the pipeline's code gives, and `decode_json`
-    exactly what `json.loads` gives; returns items compared.
+def check_decoding(pages: list[Page], evil: list[Page]) -> int:
+    """`decode_json` gives exactly what `json.loads` gives; returns pages compared.
 
     Compared on every page of a pass and on the simulator's adversarial items
     (NUL, lone surrogates, 200 KB bodies, emoji, RTL, [deleted]).
     """
-    compared = 0
-    for name, kind, body in pages + evil:
+    for name, _, body in pages + evil:
         reference = json.loads(body.decode())
         if repr(decode_json(body)) != repr(reference):  # repr: ints stay ints, NaN equals NaN
             raise RuntimeError(f"decode_json decodes a page of r/{name} differently")
-        for child in reference["data"]["children"]:
-            theirs = scraper_module._to_event(child["data"], name, kind)
-            for build in (plain_to_event, construct_to_event):
-                ours = build(child["data"], name, kind)
-                if (ours and ours.model_dump()) != (theirs and theirs.model_dump()):
-                    raise RuntimeError(f"{build.__name__} differs on {child['data'].get('id')}")
-            compared += 1
-    return compared
+    return len(pages) + len(evil)
 
 
 # -- where an item's time goes, in process (no HTTP) -------------------------------------------
@@ -528,14 +441,8 @@ def cost_breakdown(pages: list[Page], reps: int) -> dict[str, float]:
         "decode_json(bytes), kept (the scraper: orjson)": lambda: [
             decode_json(body) for _, _, body in pages
         ],
-        "_to_event: RawEventDTO(...) (now)": lambda: [
+        "_to_event: RawEventDTO.from_reddit (the scraper)": lambda: [
             scraper_module._to_event(i, name, k) for name, k, i in items
-        ],
-        "plain_to_event: PlainValidatorsDTO(...)": lambda: [
-            plain_to_event(i, name, k) for name, k, i in items
-        ],
-        "construct_to_event: validators once, model_construct": lambda: [
-            construct_to_event(i, name, k) for name, k, i in items
         ],
         "  of which clean_json (orjson.dumps + NUL check)": lambda: [
             clean_json(i) for _, _, i in items
@@ -736,10 +643,6 @@ CLIENTS = {  # name: ScraperClient options; "ceiling" is the plain aiohttp clien
     "scraper": {"limiter": True},
     "scraper_nolimiter": {"limiter": False},
 }
-PROTOTYPES = {
-    "proto_dto": {"limiter": True, "fast_dto": True},
-    "proto_dto_nolimiter": {"limiter": False, "fast_dto": True},
-}
 
 
 @dataclass
@@ -759,7 +662,7 @@ class Results:
         )
 
 
-EVIL = "bench_scrape_evil"  # adversarial items, only to check the prototypes
+EVIL = "bench_scrape_evil"  # adversarial items, only to check the decoding
 
 
 def make_world(sim: SimulatorProcess, count: int, items: int, seed: int) -> list[str]:
@@ -800,9 +703,8 @@ async def timed_rounds(
 
 
 async def open_clients(args: argparse.Namespace, settings: Settings, warm: str) -> dict[str, Any]:
-    options = {**CLIENTS, **(PROTOTYPES if args.variants else {})}
     clients: dict[str, Any] = {}
-    for name, kwargs in options.items():
+    for name, kwargs in CLIENTS.items():
         clients[name] = ScraperClient(settings, **kwargs)
         await clients[name].open(warm)
     user_agent = clients["scraper"].reddit.requestor.headers["User-Agent"]
@@ -824,7 +726,7 @@ async def run_all(args: argparse.Namespace, settings: Settings, sim: SimulatorPr
         print("cost per item, in process ...", flush=True)
         pages = await clients["ceiling"].bodies(subreddits, args.depth)
         evil = await clients["ceiling"].bodies([EVIL], args.depth)
-        out["prototypes_checked"] = check_prototypes(pages, evil)
+        out["pages_checked"] = check_decoding(pages, evil)
         out["breakdown"] = cost_breakdown(pages, args.breakdown_reps)
         both, acquire = await limiter_cost_us(settings)
         out["limiter_us_per_request"] = round(both, 1)
@@ -916,7 +818,7 @@ def summarize(measured: dict[str, Any]) -> dict[str, Any]:
         "breakdown_us_per_item": measured["breakdown"],
         "limiter_us_per_request": measured["limiter_us_per_request"],
         "limiter_acquire_us_per_request": measured["limiter_acquire_us_per_request"],
-        "prototypes_checked_items": measured["prototypes_checked"],
+        "decoding_checked_pages": measured["pages_checked"],
         "incremental": [r.as_json() for r in measured["incremental"]],
         "idle": measured["idle"],
     }  # fmt: skip
@@ -952,8 +854,8 @@ def print_tables(summary: dict[str, Any], args: argparse.Namespace, items: int) 
         f"to back, {summary['limiter_acquire_us_per_request']:.0f} us of it the awaited acquire)"
     )
     breakdown = Table(title="cost per item in process, no HTTP (fastest of "
-                            f"{args.breakdown_reps}; prototypes checked on "
-                            f"{summary['prototypes_checked_items']:,} items)",
+                            f"{args.breakdown_reps}; decoding checked on "
+                            f"{summary['decoding_checked_pages']:,} pages)",
                       title_justify="left")  # fmt: skip
     breakdown.add_column("step")
     breakdown.add_column("us/item", justify="right")
@@ -1027,9 +929,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=7,
         help="runs of each in-process step; the fastest counts (7)",
-    )
-    parser.add_argument(
-        "--no-variants", dest="variants", action="store_false", help="skip the prototype clients"
     )
     parser.add_argument("--seed", type=int, default=0, help="the simulator's seed")
     parser.add_argument(
