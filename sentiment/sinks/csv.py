@@ -297,11 +297,13 @@ def _export_dir(root: Path, work: _Dir, batch_id: str) -> str:
 
 def _export_dir_once(root: Path, work: _Dir, batch_id: str) -> str:
     try:
-        _make_dirs(work.path)
-        if not work.path.resolve().is_relative_to(root):  # a symlinked directory on the way
+        # Before any mkdir: a symlinked directory on the way must not get one made
+        # outside csv_dir (resolve() follows the parts that exist).
+        if not work.path.resolve().is_relative_to(root):
             log.warning("csv export: refused %d rows: r/%s: %s leads outside %s", work.rows,
                         work.name, work.path, root)  # fmt: skip
             return "refused"
+        _make_dirs(work.path)
         with _locked(work.path) as dir_fd:
             done = _append_locked(work, dir_fd, batch_id)
     except OSError as exc:

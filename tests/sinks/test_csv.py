@@ -179,6 +179,18 @@ def test_a_symlink_out_of_csv_dir_is_refused(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def test_no_directory_is_made_through_a_symlink_out_of_csv_dir(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "reddit").symlink_to(outside)  # the subreddit directory does not exist
+
+    result = export_events([make()], csv_dir=tmp_path / "csv", batch_id="b1")
+
+    assert (result.written, result.rejected) == (0, 1)
+    assert list(outside.iterdir()) == []
+
+
 # -- errors ---------------------------------------------------------------------
 
 
