@@ -7,7 +7,9 @@ machine (absolute numbers depend on the disk and on the neighbours).
 N synthetic Reddit events (~1.5 KB of JSON each, ~300 subreddits, four weeks
 of history; see `_common.make_events`) are generated once and reused. Each
 load goes into an EMPTY `raw_events` (TRUNCATE, then CHECKPOINT so no run
-pays for the previous one's dirty pages), with durability on (fsync and
+pays for the previous one's dirty pages; and before every timed method,
+loads and exports alike, os.sync() so that none pays for the page cache
+writeback of the one before), with durability on (fsync and
 synchronous_commit as configured; the embedded server keeps the defaults):
 
   sink                insert_batch(events): per chunk, a binary COPY straight
@@ -350,7 +352,15 @@ class Bench:
     tuned_engine: Any | None
 
     def record(self, name: str, run: int, fn: Callable[[], Any], rows: int) -> Any:
-        """Time fn, keep and print the figure."""
+        """Time fn, keep and print the figure.
+
+        The page cache is flushed first (os.sync), so that no method pays for
+        the writeback of the one before it: the files the last CSV export
+        wrote or deleted, the WAL the last load wrote. Without it an
+        export's first fsyncs commit the previous round's deletions to the
+        journal.
+        """
+        os.sync()
         out, seconds, cpu = timed(fn)
         m = self.results[name]
         m.rows.append(rows)
@@ -393,7 +403,11 @@ def run_round(b: Bench, run: int) -> None:
             exported = b.record("csv", run, lambda: export_csv(result.new, csv_dir, f"b{run}"), n)
             _check("csv: rows written", exported.written, n)
             b.results["csv"].note = f"{len(exported.files):,} files"
-            shutil.rmtree(csv_dir)
+            # The directory stays until the run ends (the scratch folder goes then).
+            # Deleting its 8,000-odd files here made the next round's export up to
+            # twice as slow: for a few minutes ext4 steps over recently freed
+            # inodes when it allocates new ones (perf: ext4_create spent its time
+            # in recently_deleted), so every file created paid for this clean-up.
         out_file = b.scratch / "copy_to.csv"
         dumped = b.record("copy_to_csv", run, lambda: dump_copy_to_csv(db.pg2, out_file), n)
         _check("copy_to_csv", dumped, n)

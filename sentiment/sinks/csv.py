@@ -95,7 +95,6 @@ KEEP_BATCHES_S = 4 * 24 * 3600
 _COMPACT_AT = 1024
 _HEADER = (",".join(COLUMNS) + "\r\n").encode()
 _FORMULA_START = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
-_NEEDS_QUOTES = re.compile('[",\r\n]')
 _ID_RE = re.compile(r"[0-9a-z]{1,16}")
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 _EVENT_TYPES = frozenset({"submission", "comment"})
@@ -228,29 +227,35 @@ def _encode(rows: Rows, name: str) -> bytes:
     no quoting; every other cell goes through `_text` (csv.QUOTE_MINIMAL's rule).
     The payload, most of the bytes, stays bytes from orjson to the file.
     """
-    lines = []
+    out: list[bytes] = []
+    add = out.append
     for ts, event in rows:
-        p = event.payload
-        body = p.get("selftext") if event.event_type == "submission" else p.get("body")
-        lines.append(",".join((
-            event.id, ts.isoformat(timespec="microseconds")[:-6] + "Z", "reddit", name,
-            event.event_type, _text(p.get("author")), _text(p.get("title")), _text(body),
-            _score(p.get("score")), _text(_absolute(p.get("permalink"))), _text(p.get("url")),
-            "",
+        get = event.payload.get
+        kind = event.event_type
+        body = get("selftext") if kind == "submission" else get("body")
+        cells = (f"{event.id},{ts.isoformat(timespec='microseconds')[:-6]}Z,reddit,{name},{kind},"
+                 f"{_text(get('author'))},{_text(get('title'))},{_text(body)},"
+                 f"{_score(get('score'))},{_text(_absolute(get('permalink')))},"
+                 f"{_text(get('url'))},\"")  # fmt: skip
         # "replace" only matters for a lone surrogate in a row that skipped the DTO.
-        )).encode("utf-8", "replace") + _json(event))  # fmt: skip
-    return b"".join(lines)
+        add(cells.encode("utf-8", "replace"))
+        add(event.payload_json.replace(b'"', b'""'))  # the payload cell, quoted
+        add(b'"\r\n')
+    return b"".join(out)
 
 
 def _text(value: Any) -> str:
     if value is None:
         return ""
-    text = value if isinstance(value, str) else str(value)
+    text = value if value.__class__ is str else str(value)
     if text[:1] in _FORMULA_START:
         text = "'" + text
-    if _NEEDS_QUOTES.search(text) is None:
-        return text
-    return '"' + text.replace('"', '""') + '"'
+    # Four C scans beat one regex search (~20% of the formatting time).
+    if '"' in text:
+        return '"' + text.replace('"', '""') + '"'
+    if "," in text or "\n" in text or "\r" in text:
+        return '"' + text + '"'
+    return text
 
 
 def _score(value: Any) -> str:
@@ -259,11 +264,6 @@ def _score(value: Any) -> str:
     if isinstance(value, str) and _NUMBER_RE.fullmatch(value):  # a huge int the DTO made a string
         return value
     return _text(value)
-
-
-def _json(event: RawEventDTO) -> bytes:
-    """The payload cell, quoted, and the record's CRLF."""
-    return b'"' + event.payload_json.replace(b'"', b'""') + b'"\r\n'
 
 
 def _absolute(permalink: Any) -> Any:
