@@ -37,6 +37,10 @@ Requests (counted by the scraper, checked against the simulator's own count):
                see one item at or below the watermark to know it is done, so N
                new items cost ceil((N + 1) / 100) requests per kind, at most
                depth / 100 (then it reports a gap: it cannot see the watermark).
+               Paging `before` the watermark costs the same on Reddit, whose
+               cursor stays set after any full page (docs/decisions.md), so
+               no client meets 1.05 at K = 100 or 250; `expected_per_100_new`
+               is that floor, and the scraper should equal it.
   requests_per_idle_scrape
                requests per subreddit for a scrape with nothing new. Target 2
                (one page per kind).
