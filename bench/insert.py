@@ -356,9 +356,7 @@ class Bench:
 
         The page cache is flushed first (os.sync), so that no method pays for
         the writeback of the one before it: the files the last CSV export
-        wrote or deleted, the WAL the last load wrote. Without it an
-        export's first fsyncs commit the previous round's deletions to the
-        journal.
+        wrote, the WAL and table files the last load wrote.
         """
         os.sync()
         out, seconds, cpu = timed(fn)
