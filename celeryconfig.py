@@ -65,6 +65,7 @@ task_routes = {
     "sentiment.tasks.insert_batch": {"queue": "ingest"},
     "sentiment.tasks.mark_processed": {"queue": "ingest"},
     "sentiment.tasks.keep_partitions": {"queue": "ingest"},
+    "sentiment.tasks.apply_retention": {"queue": "ingest"},
     "sentiment.tasks.export_csv": {"queue": "export"},
 }
 

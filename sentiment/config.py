@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     storage_layout: Literal["auto", "timescaledb", "partitioned"] = "auto"
     timescale_chunk_interval: str = "1 day"
     partition_days_ahead: int = Field(7, ge=1, le=366)
+    # Unset: keep every row. Set: an hourly task drops days older than this,
+    # never a row still unprocessed (see sentiment/retention.py).
+    retention_days: int | None = Field(None, ge=1, le=36_500)
 
     @field_validator("subreddits", mode="before")
     @classmethod
@@ -177,6 +180,7 @@ class Settings(BaseSettings):
         "reddit_username",
         "reddit_client_secret",
         "reddit_password",
+        "retention_days",
         mode="before",
     )
     @classmethod

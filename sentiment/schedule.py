@@ -27,7 +27,8 @@ _BEAT_LOCK_TTL = 60
 
 
 def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The beat entries: one scrape per subreddit, and the partition keeper."""
+    """The beat entries: one scrape per subreddit, the partition keeper and,
+    when RETENTION_DAYS is set, retention."""
     schedule: dict[str, dict[str, Any]] = {
         f"scrape-{sub.name}": {
             "task": "sentiment.tasks.scrape",
@@ -42,6 +43,12 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "schedule": crontab(minute=7),  # hourly; partitions are made days ahead
         "options": {"expires": 3000.0},
     }
+    if settings.retention_days is not None:
+        schedule["apply-retention"] = {
+            "task": "sentiment.tasks.apply_retention",
+            "schedule": crontab(minute=37),  # hourly: a day drops within the hour it expires
+            "options": {"expires": 3000.0},
+        }
     return schedule
 
 

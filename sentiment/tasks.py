@@ -5,6 +5,7 @@
           └─ export_csv(batch)   [export]  append the new rows to CSV; return the summary
     mark_processed(keys)         [ingest]  for the sentiment workers
     keep_partitions()            [ingest]  hourly: future partitions (plain PostgreSQL)
+    apply_retention()            [ingest]  hourly when RETENTION_DAYS is set: drop old days
 
 `scrape` replaces itself with the chain, so `scrape.delay("stocks").get()`
 returns the summary of the whole run. Every task is idempotent, so a
@@ -24,7 +25,7 @@ from celery import Task, chain
 from celery.utils.log import get_task_logger
 from sqlalchemy import text
 
-from sentiment import pipeline, processing
+from sentiment import pipeline, processing, retention
 from sentiment.celery_app import app
 from sentiment.config import get_settings, valid_subreddit
 from sentiment.db import get_engine
@@ -161,3 +162,11 @@ def keep_partitions(self: Task) -> dict[str, int]:
             text("DELETE FROM ingested_batches WHERE created_at < now() - interval '7 days'")
         ).rowcount
     return {"partitions_created": created, "batch_records_pruned": pruned}
+
+
+@app.task(bind=True, name="sentiment.tasks.apply_retention", **_RETRY)
+def apply_retention(self: Task) -> dict[str, object]:
+    """Drop raw events older than RETENTION_DAYS that are processed (no-op when unset)."""
+    if _settings.retention_days is None:
+        return {"skipped": "RETENTION_DAYS is not set"}
+    return retention.apply_retention(_settings.retention_days).summary()

@@ -94,6 +94,47 @@ def alembic_config():  # type: ignore[no-untyped-def]
     return Config(str(ROOT / "alembic.ini"))
 
 
+def run_alembic(scratch, *args: str) -> None:  # type: ignore[no-untyped-def]
+    """`alembic <verb> <args>` against the database of engine `scratch`."""
+    from alembic import command
+
+    verb, *rest = args
+    config = alembic_config()
+    with scratch.connect() as conn:
+        config.attributes["connection"] = conn
+        getattr(command, verb)(config, *rest)
+
+
+def use_layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Make the next migration use STORAGE_LAYOUT `layout`."""
+    from sentiment.config import get_settings
+
+    monkeypatch.setenv("STORAGE_LAYOUT", layout)
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def scratch_engine(settings, engine):  # type: ignore[no-untyped-def]
+    """A fresh, empty database of its own (settings cache cleared and the
+    database dropped afterwards)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from sentiment.config import get_settings
+
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    scratch = create_engine(make_url(settings.database_url()).set(database=name))
+    yield scratch
+    scratch.dispose()
+    get_settings.cache_clear()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:
     """Running, migrated servers and the Settings that reach them.

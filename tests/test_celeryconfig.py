@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from sentiment.celery_app import app
-from sentiment.tasks import export_csv, insert_batch, keep_partitions, mark_processed, scrape
+from sentiment.tasks import (
+    apply_retention,
+    export_csv,
+    insert_batch,
+    keep_partitions,
+    mark_processed,
+    scrape,
+)
 
 
 def test_each_task_lands_in_its_own_queue():
     router = app.amqp.router
     routes = {
         task.name: router.route({}, task.name, args=(), kwargs={})["queue"]
-        for task in (scrape, insert_batch, export_csv, mark_processed, keep_partitions)
+        for task in (
+            scrape,
+            insert_batch,
+            export_csv,
+            mark_processed,
+            keep_partitions,
+            apply_retention,
+        )
     }
     assert {name: (q.name, q.routing_key, q.exchange.name) for name, q in routes.items()} == {
         "sentiment.tasks.scrape": ("scrape", "scrape", "scrape"),
@@ -18,6 +32,7 @@ def test_each_task_lands_in_its_own_queue():
         "sentiment.tasks.export_csv": ("export", "export", "export"),
         "sentiment.tasks.mark_processed": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.keep_partitions": ("ingest", "ingest", "ingest"),
+        "sentiment.tasks.apply_retention": ("ingest", "ingest", "ingest"),
     }
 
 

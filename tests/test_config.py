@@ -36,6 +36,8 @@ def test_subreddits_with_and_without_intervals():
             "TIMESCALE_CHUNK_INTERVAL: must be a PostgreSQL interval",
         ),
         ("STORAGE_LAYOUT", "mongo", "STORAGE_LAYOUT: Input should be 'auto', 'timescaledb' or"),
+        ("RETENTION_DAYS", "0", "RETENTION_DAYS: Input should be greater than or equal to 1"),
+        ("RETENTION_DAYS", "a month", "RETENTION_DAYS: Input should be a valid integer"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, value, message):

@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, text
 
-from alembic import command
 from sentiment.config import get_settings
-from tests.conftest import alembic_config
-
-
-@pytest.fixture
-def scratch_engine(settings, engine) -> Iterator[Engine]:
-    """A fresh, empty database of its own, dropped afterwards."""
-    name = f"scratch_{uuid.uuid4().hex[:8]}"
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    scratch = create_engine(make_url(settings.database_url()).set(database=name))
-    yield scratch
-    scratch.dispose()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-
-
-def _alembic(scratch: Engine, *args: str) -> None:
-    verb, *rest = args
-    config = alembic_config()
-    with scratch.connect() as conn:
-        config.attributes["connection"] = conn
-        getattr(command, verb)(config, *rest)
-
-
-def _layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
-    monkeypatch.setenv("STORAGE_LAYOUT", layout)
-    get_settings.cache_clear()
+from tests.conftest import run_alembic, use_layout
 
 
 @pytest.fixture(autouse=True)
@@ -69,10 +40,10 @@ def _partitions(scratch: Engine) -> list[str]:
 
 
 def test_partitioned_upgrade_check_downgrade(scratch_engine, monkeypatch):
-    _layout(monkeypatch, "partitioned")
+    use_layout(monkeypatch, "partitioned")
 
-    _alembic(scratch_engine, "upgrade", "head")
-    _alembic(scratch_engine, "check")
+    run_alembic(scratch_engine, "upgrade", "head")
+    run_alembic(scratch_engine, "check")
 
     today = datetime.now(UTC).date()
     days = [today + timedelta(days=n) for n in range(8)]
@@ -81,16 +52,16 @@ def test_partitioned_upgrade_check_downgrade(scratch_engine, monkeypatch):
     )
     assert {"raw_events", "rejected_events", "alembic_version"} <= _tables(scratch_engine)
 
-    _alembic(scratch_engine, "downgrade", "base")
+    run_alembic(scratch_engine, "downgrade", "base")
     assert _tables(scratch_engine) == {"alembic_version"}
 
-    _alembic(scratch_engine, "upgrade", "head")
-    _alembic(scratch_engine, "check")
+    run_alembic(scratch_engine, "upgrade", "head")
+    run_alembic(scratch_engine, "check")
 
 
 def test_partition_keeper_moves_rows_out_of_the_default_partition(scratch_engine, monkeypatch):
-    _layout(monkeypatch, "partitioned")
-    _alembic(scratch_engine, "upgrade", "head")
+    use_layout(monkeypatch, "partitioned")
+    run_alembic(scratch_engine, "upgrade", "head")
     far = datetime.now(UTC) + timedelta(days=40)
     old = datetime(2020, 2, 29, 23, 59, 59, tzinfo=UTC)
     insert = text(
@@ -124,20 +95,20 @@ def test_timescaledb_layout_refused_clearly_without_the_extension(
 ):
     if timescale:
         pytest.skip("this server has TimescaleDB")
-    _layout(monkeypatch, "timescaledb")
+    use_layout(monkeypatch, "timescaledb")
 
     with pytest.raises(RuntimeError, match="STORAGE_LAYOUT=timescaledb but this server has no"):
-        _alembic(scratch_engine, "upgrade", "head")
+        run_alembic(scratch_engine, "upgrade", "head")
 
 
 @pytest.mark.timescale
 def test_hypertable_upgrade_check_downgrade(scratch_engine, monkeypatch, timescale):
     if not timescale:
         pytest.skip("this server has no TimescaleDB; the partitioned layout was tested instead")
-    _layout(monkeypatch, "auto")
+    use_layout(monkeypatch, "auto")
 
-    _alembic(scratch_engine, "upgrade", "head")
-    _alembic(scratch_engine, "check")
+    run_alembic(scratch_engine, "upgrade", "head")
+    run_alembic(scratch_engine, "check")
 
     with scratch_engine.connect() as conn:
         hypertable = conn.execute(
@@ -165,6 +136,6 @@ def test_hypertable_upgrade_check_downgrade(scratch_engine, monkeypatch, timesca
         "ix_raw_events_unprocessed",
     }
 
-    _alembic(scratch_engine, "downgrade", "base")
+    run_alembic(scratch_engine, "downgrade", "base")
     assert _tables(scratch_engine) == {"alembic_version"}
-    _alembic(scratch_engine, "upgrade", "head")
+    run_alembic(scratch_engine, "upgrade", "head")

@@ -1,0 +1,210 @@
+"""Retention: old days go, whole; an unprocessed row is never dropped."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from sentiment.config import Settings
+from sentiment.retention import apply_retention
+from sentiment.schedule import build_beat_schedule
+from sentiment.tasks import apply_retention as apply_retention_task
+from tests.conftest import run_alembic, use_layout
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+_INSERT = text(
+    "INSERT INTO raw_events (id, occurred_at, source, source_id, event_type, payload, processed)"
+    " VALUES (:id, :at, 'reddit', 'stocks', 'comment', '{}', :processed)"
+)
+
+
+def _days_ago(days: float) -> datetime:
+    return NOW - timedelta(days=days)
+
+
+def _insert(scratch: Engine, rows: dict[str, tuple[datetime, bool]]) -> None:
+    with scratch.begin() as conn:
+        conn.execute(
+            _INSERT, [{"id": i, "at": at, "processed": done} for i, (at, done) in rows.items()]
+        )
+
+
+def _stored(scratch: Engine) -> set[str]:
+    with scratch.connect() as conn:
+        return set(conn.execute(text("SELECT id FROM raw_events")).scalars())
+
+
+def _partitions(scratch: Engine) -> set[str]:
+    with scratch.connect() as conn:
+        return set(
+            conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'raw_events'::regclass"
+                )
+            ).scalars()
+        )
+
+
+@pytest.fixture
+def partitioned(scratch_engine, monkeypatch) -> Engine:
+    use_layout(monkeypatch, "partitioned")
+    run_alembic(scratch_engine, "upgrade", "head")
+    return scratch_engine
+
+
+def _day_partition(at: datetime) -> str:
+    return f"raw_events_p{at:%Y%m%d}"
+
+
+def test_old_processed_days_are_dropped_whole_and_the_rest_kept(partitioned):
+    _insert(
+        partitioned,
+        {"old40": (_days_ago(40), True), "old31": (_days_ago(31), True),
+         "new2": (_days_ago(2), False), "new29": (_days_ago(29), True)},
+    )  # fmt: skip
+    with partitioned.begin() as conn:  # the keeper gives the old days their partitions
+        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _insert(partitioned, {"default50": (_days_ago(50), True)})  # no partition: the default one
+    before = _partitions(partitioned)
+
+    result = apply_retention(30, engine=partitioned, now=NOW)
+
+    assert _stored(partitioned) == {"new2", "new29"}
+    assert set(result.dropped) == {_day_partition(_days_ago(40)), _day_partition(_days_ago(31))}
+    assert _partitions(partitioned) == before - set(result.dropped)
+    assert result.rows_deleted == 1
+    assert result.cutoff == _days_ago(30)
+    assert result.held_back_by is None
+
+    again = apply_retention(30, engine=partitioned, now=NOW)  # nothing left to drop
+    assert (again.dropped, again.rows_deleted) == ((), 0)
+    assert _stored(partitioned) == {"new2", "new29"}
+
+
+def test_an_unprocessed_row_holds_the_cutoff_back_until_it_is_processed(partitioned):
+    _insert(
+        partitioned,
+        {"old40": (_days_ago(40), True), "waiting35": (_days_ago(35), False),
+         "old33": (_days_ago(33), True), "default45": (_days_ago(45), True)},
+    )  # fmt: skip
+    with partitioned.begin() as conn:
+        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _insert(partitioned, {"default36": (_days_ago(36), True), "default34": (_days_ago(34), True)})
+
+    held = apply_retention(30, engine=partitioned, now=NOW)
+
+    assert held.held_back_by == _days_ago(35)
+    assert held.cutoff == _days_ago(35)
+    assert _stored(partitioned) == {"waiting35", "old33", "default34"}
+    assert set(held.dropped) == {_day_partition(_days_ago(40)), _day_partition(_days_ago(45))}
+    assert held.rows_deleted == 1  # default36; default34 is newer than the held cutoff
+
+    with partitioned.begin() as conn:
+        conn.execute(text("UPDATE raw_events SET processed = true WHERE id = 'waiting35'"))
+    released = apply_retention(30, engine=partitioned, now=NOW)
+
+    assert released.held_back_by is None
+    assert _stored(partitioned) == set()
+    assert set(released.dropped) == {_day_partition(_days_ago(35)), _day_partition(_days_ago(33))}
+
+
+def test_a_day_that_is_not_over_by_the_cutoff_stays(partitioned):
+    # The cutoff falls inside this row's day: its partition still holds newer time.
+    cutoff_day_start = _days_ago(30).replace(hour=0, minute=0, second=0)
+    _insert(partitioned, {"early": (cutoff_day_start, True)})
+    with partitioned.begin() as conn:
+        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+
+    result = apply_retention(30, engine=partitioned, now=NOW)
+
+    assert result.dropped == ()
+    assert _stored(partitioned) == {"early"}
+
+
+def test_a_row_written_while_retention_runs_is_not_lost(partitioned):
+    _insert(partitioned, {"old40": (_days_ago(40), True)})
+    with partitioned.begin() as conn:
+        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+
+    with partitioned.connect() as writer, ThreadPoolExecutor(1) as pool:
+        late = writer.begin()  # an old, unprocessed row, not yet committed
+        writer.execute(_INSERT, {"id": "late40", "at": _days_ago(40), "processed": False})
+        running = pool.submit(apply_retention, 30, engine=partitioned, now=NOW)
+        _wait_for_a_lock_wait(partitioned)
+        late.commit()
+        result = running.result(timeout=30)
+
+    assert _stored(partitioned) == {"old40", "late40"}
+    assert result.held_back_by == _days_ago(40)
+    assert result.dropped == ()
+
+
+def _wait_for_a_lock_wait(scratch: Engine) -> None:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    with scratch.connect() as conn:
+        while not conn.execute(query).scalar():
+            assert time.monotonic() < deadline, "retention never waited for the writer"
+            time.sleep(0.05)
+            conn.rollback()
+
+
+def test_retention_refuses_to_keep_nothing(partitioned):
+    with pytest.raises(ValueError, match="at least one day"):
+        apply_retention(0, engine=partitioned)
+
+
+@pytest.mark.timescale
+def test_hypertable_chunks_go_whole_and_unprocessed_rows_stay(
+    scratch_engine, monkeypatch, timescale
+):
+    if not timescale:
+        pytest.skip("this server has no TimescaleDB; the partitioned layout was tested instead")
+    use_layout(monkeypatch, "auto")
+    run_alembic(scratch_engine, "upgrade", "head")
+    _insert(
+        scratch_engine,
+        {"old40": (_days_ago(40), True), "waiting35": (_days_ago(35), False),
+         "old33": (_days_ago(33), True), "new2": (_days_ago(2), False)},
+    )  # fmt: skip
+
+    held = apply_retention(30, engine=scratch_engine, now=NOW)
+
+    assert held.held_back_by == _days_ago(35)
+    assert len(held.dropped) == 1  # the chunk of day -40
+    assert _stored(scratch_engine) == {"waiting35", "old33", "new2"}
+
+    with scratch_engine.begin() as conn:
+        conn.execute(text("UPDATE raw_events SET processed = true WHERE id = 'waiting35'"))
+        chunks = conn.execute(text("SELECT count(*) FROM show_chunks('raw_events')")).scalar()
+    released = apply_retention(30, engine=scratch_engine, now=NOW)
+
+    assert _stored(scratch_engine) == {"new2"}
+    assert len(released.dropped) == 2
+    with scratch_engine.connect() as conn:
+        left = conn.execute(text("SELECT count(*) FROM show_chunks('raw_events')")).scalar()
+    assert left == chunks - 2
+
+
+def test_retention_is_off_until_configured(settings):
+    assert settings.retention_days is None
+    assert "apply-retention" not in build_beat_schedule(settings)
+    assert apply_retention_task.run() == {"skipped": "RETENTION_DAYS is not set"}
+
+    configured = settings.model_copy(update={"retention_days": 90})
+    entry = build_beat_schedule(configured)["apply-retention"]
+    assert entry["task"] == apply_retention_task.name
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", None), ("  ", None), ("30", 30)])
+def test_retention_setting_blank_means_keep_everything(monkeypatch, value, expected):
+    monkeypatch.setenv("RETENTION_DAYS", value)
+    assert Settings(_env_file=None).retention_days == expected
