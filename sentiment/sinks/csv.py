@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import re
@@ -143,6 +144,11 @@ def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str
     if not batch_id:
         raise ValueError("batch_id must be a non-empty string")
     root = csv_dir.resolve()
+    with _collector_paused():
+        return _export(events, root, batch_id)
+
+
+def _export(events: Sequence[RawEventDTO], root: Path, batch_id: str) -> ExportResult:
     groups, rejected = _group(events)
     dirs: list[_Dir] = []
     futures: list[Future[str]] = []
@@ -176,6 +182,27 @@ def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str
         raise next((e for e in errors if e.retryable), errors[0])
     return ExportResult(counts["written"], counts["skipped"], rejected + counts["refused"],
                         tuple(files))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Keep the cyclic garbage collector out of the export.
+
+    The export allocates a few tracked objects per row (row tuples, lists, cell
+    strings), none of them in a cycle, and each allocation burst triggers
+    collections that traverse every object the process holds: with the
+    batch's events and payloads in memory, that was a sixth to a quarter of
+    the export's user CPU on 200,000 rows (perf: gc_collect_main, visit_decref,
+    visit_reachable). Reference counting still frees everything; the collector
+    resumes afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # -- validation and grouping --------------------------------------------------

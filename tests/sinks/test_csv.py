@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import signal
 import subprocess
@@ -202,6 +203,21 @@ def test_disk_errors_are_retryable_service_unavailable(tmp_path):
 
     assert info.value.retryable
     assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was_found(tmp_path, enabled):
+    (tmp_path / "reddit").write_text("a file where a directory must be")
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        export_events([make()], csv_dir=tmp_path / "ok", batch_id="b1")
+        assert gc.isenabled() is enabled
+        with pytest.raises(ServiceUnavailable):  # and after a failed export
+            export_events([make()], csv_dir=tmp_path, batch_id="b2")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def _truncate_csv(path: Path) -> None:
