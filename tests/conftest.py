@@ -105,6 +105,21 @@ def run_alembic(scratch, *args: str) -> None:  # type: ignore[no-untyped-def]
         getattr(command, verb)(config, *rest)
 
 
+def raw_events_partitions(scratch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The partitions of raw_events in the database of engine `scratch`, sorted."""
+    from sqlalchemy import text
+
+    with scratch.connect() as conn:
+        return sorted(
+            conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'raw_events'::regclass"
+                )
+            ).scalars()
+        )
+
+
 def use_layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """Make the next migration use STORAGE_LAYOUT `layout`."""
     from sentiment.config import get_settings

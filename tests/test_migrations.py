@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from sentiment.config import get_settings
-from tests.conftest import run_alembic, use_layout
+from tests.conftest import raw_events_partitions, run_alembic, use_layout
 
 
 @pytest.fixture(autouse=True)
@@ -27,18 +27,6 @@ def _tables(scratch: Engine) -> set[str]:
         )
 
 
-def _partitions(scratch: Engine) -> list[str]:
-    with scratch.connect() as conn:
-        return sorted(
-            conn.execute(
-                text(
-                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-                    " WHERE i.inhparent = 'raw_events'::regclass"
-                )
-            ).scalars()
-        )
-
-
 def test_partitioned_upgrade_check_downgrade(scratch_engine, monkeypatch):
     use_layout(monkeypatch, "partitioned")
 
@@ -47,7 +35,7 @@ def test_partitioned_upgrade_check_downgrade(scratch_engine, monkeypatch):
 
     today = datetime.now(UTC).date()
     days = [today + timedelta(days=n) for n in range(8)]
-    assert _partitions(scratch_engine) == sorted(
+    assert raw_events_partitions(scratch_engine) == sorted(
         ["raw_events_default", *(f"raw_events_p{d:%Y%m%d}" for d in days)]
     )
     assert {"raw_events", "rejected_events", "alembic_version"} <= _tables(scratch_engine)

@@ -13,7 +13,7 @@ from sentiment.config import Settings
 from sentiment.retention import apply_retention
 from sentiment.schedule import build_beat_schedule
 from sentiment.tasks import apply_retention as apply_retention_task
-from tests.conftest import run_alembic, use_layout
+from tests.conftest import raw_events_partitions, run_alembic, use_layout
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 _INSERT = text(
@@ -38,18 +38,6 @@ def _stored(scratch: Engine) -> set[str]:
         return set(conn.execute(text("SELECT id FROM raw_events")).scalars())
 
 
-def _partitions(scratch: Engine) -> set[str]:
-    with scratch.connect() as conn:
-        return set(
-            conn.execute(
-                text(
-                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-                    " WHERE i.inhparent = 'raw_events'::regclass"
-                )
-            ).scalars()
-        )
-
-
 @pytest.fixture
 def partitioned(scratch_engine, monkeypatch) -> Engine:
     use_layout(monkeypatch, "partitioned")
@@ -70,13 +58,13 @@ def test_old_processed_days_are_dropped_whole_and_the_rest_kept(partitioned):
     with partitioned.begin() as conn:  # the keeper gives the old days their partitions
         conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
     _insert(partitioned, {"default50": (_days_ago(50), True)})  # no partition: the default one
-    before = _partitions(partitioned)
+    before = set(raw_events_partitions(partitioned))
 
     result = apply_retention(30, engine=partitioned, now=NOW)
 
     assert _stored(partitioned) == {"new2", "new29"}
     assert set(result.dropped) == {_day_partition(_days_ago(40)), _day_partition(_days_ago(31))}
-    assert _partitions(partitioned) == before - set(result.dropped)
+    assert set(raw_events_partitions(partitioned)) == before - set(result.dropped)
     assert result.rows_deleted == 1
     assert result.cutoff == _days_ago(30)
     assert result.held_back_by is None
