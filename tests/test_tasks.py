@@ -270,11 +270,10 @@ def test_flower_serves_the_broker_behind_basic_auth(worker, settings):
         {"FLOWER_BASIC_AUTH": "admin:s3cret"},
     )
     flower.start()
-    url = f"http://127.0.0.1:{port}/api/workers"
     try:
 
-        def get(auth: str | None) -> tuple[int, bytes]:
-            request = urllib.request.Request(url)
+        def get(path: str, auth: str | None) -> tuple[int, bytes]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
             if auth:
                 request.add_header(
                     "Authorization", "Basic " + base64.b64encode(auth.encode()).decode()
@@ -286,13 +285,28 @@ def test_flower_serves_the_broker_behind_basic_auth(worker, settings):
                 return exc.code, b""
 
         _wait_until(lambda: _reachable(port), 30, "Flower to listen")
-        assert get(None)[0] == 401
-        assert get("admin:wrong")[0] == 401
+        assert get("/api/workers", None)[0] == 401
+        assert get("/api/workers", "admin:wrong")[0] == 401
         _wait_until(
-            lambda: worker.hostname.encode() in get("admin:s3cret")[1],
+            lambda: worker.hostname.encode() in get("/api/workers", "admin:s3cret")[1],
             30,
             "Flower to see the worker",
         )
+
+        # A task run now shows up in Flower's task list (from the worker's task
+        # events, which Flower also switches on by remote control), and the
+        # pages people open are served behind the same auth.
+        assert mark_processed.delay(["nosuchid"]).get(timeout=30)["unknown"] == 1
+        _wait_until(
+            lambda: b"sentiment.tasks.mark_processed" in get("/api/tasks", "admin:s3cret")[1],
+            30,
+            "Flower to list the task",
+        )
+        for page in ("/", "/tasks", "/broker"):
+            status, body = get(page, "admin:s3cret")
+            assert (page, status) == (page, 200)
+            assert b"<html" in body.lower()
+            assert get(page, None)[0] == 401
     finally:
         flower.stop()
 
