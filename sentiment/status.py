@@ -50,9 +50,11 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
                 entry[f"{kind}s"] = count
                 entry[f"newest_{kind}"] = newest
                 entry["last_ingested"] = max(filter(None, [entry.get("last_ingested"), ingested]))
-            report["unprocessed"] = conn.execute(
-                text("SELECT count(*) FROM raw_events WHERE NOT processed")
-            ).scalar()
+            # Both from the partial index on unprocessed rows. The oldest one shows
+            # a stalled consumer, and it is what holds retention back.
+            report["unprocessed"], report["oldest_unprocessed"] = conn.execute(
+                text("SELECT count(*), min(occurred_at) FROM raw_events WHERE NOT processed")
+            ).one()
             report["rejected"] = conn.execute(text("SELECT count(*) FROM rejected_events")).scalar()
         report["health"]["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
@@ -129,15 +131,20 @@ def status_table(report: dict[str, Any]) -> Group:
         report["health"].get("postgres", "?"),
         report["health"].get("redis", "?"),
         "/".join(str(queues.get(q, "?")) for q in QUEUES),
-        f"{report.get('unprocessed', '?'):,}"
-        if isinstance(report.get("unprocessed"), int)
-        else "?",
+        _backlog(report),
         str(report.get("rejected", "?")),
         f"{limit['remaining']}/{limit['limit']} left, resets in {limit['resets_in_s']}s"
         if limit
         else "-",
     )
     return Group(overview, subs)
+
+
+def _backlog(report: dict[str, Any]) -> str:
+    count, oldest = report.get("unprocessed"), report.get("oldest_unprocessed")
+    if not isinstance(count, int):
+        return "?"
+    return f"{count:,}" + (f" (oldest {oldest:%Y-%m-%d %H:%M} UTC)" if oldest else "")
 
 
 def render_status(report: dict[str, Any], console: Console) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 from sqlalchemy import text
@@ -72,7 +73,8 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     from sentiment.sinks.postgres import insert_batch
     from tests.factories import make_events
 
-    insert_batch(make_events(7, subreddit="stocks"))
+    events = make_events(7, subreddit="stocks")
+    insert_batch(events)
 
     result = _sentiment("status", "--json", env={"SUBREDDITS": "stocks"})
 
@@ -80,6 +82,10 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     report = json.loads(result.stdout)
     assert report["health"] == {"postgres": "ok", "redis": "ok"}
     assert report["unprocessed"] == 7
+    oldest = min(e.occurred_at for e in events)
+    assert datetime.fromisoformat(report["oldest_unprocessed"]) == oldest
+    table = _sentiment("status", env={"SUBREDDITS": "stocks", "COLUMNS": "200"})
+    assert f"7 (oldest {oldest:%Y-%m-%d %H:%M} UTC)" in table.stdout
     assert report["subreddits"]["stocks"]["submissions"] == 7
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
 
