@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC
 from functools import lru_cache
 from typing import Any
 
@@ -144,7 +145,9 @@ def _backlog(report: dict[str, Any]) -> str:
     count, oldest = report.get("unprocessed"), report.get("oldest_unprocessed")
     if not isinstance(count, int):
         return "?"
-    return f"{count:,}" + (f" (oldest {oldest:%Y-%m-%d %H:%M} UTC)" if oldest else "")
+    if oldest is None:
+        return f"{count:,}"
+    return f"{count:,} (oldest {oldest.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
 
 
 def render_status(report: dict[str, Any], console: Console) -> None:

@@ -84,7 +84,9 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     assert report["unprocessed"] == 7
     oldest = min(e.occurred_at for e in events)
     assert datetime.fromisoformat(report["oldest_unprocessed"]) == oldest
-    table = _sentiment("status", env={"SUBREDDITS": "stocks", "COLUMNS": "200"})
+    # A session in another time zone still gets UTC in the table.
+    env = {"SUBREDDITS": "stocks", "COLUMNS": "200", "PGTZ": "America/New_York"}
+    table = _sentiment("status", env=env)
     assert f"7 (oldest {oldest:%Y-%m-%d %H:%M} UTC)" in table.stdout
     assert report["subreddits"]["stocks"]["submissions"] == 7
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
