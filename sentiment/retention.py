@@ -65,7 +65,7 @@ def apply_retention(
         oldest = conn.execute(text("SELECT min(occurred_at) FROM raw_events WHERE NOT processed"))
         held_back_by = oldest.scalar()
         if held_back_by is not None and held_back_by < cutoff:
-            cutoff = held_back_by
+            cutoff = held_back_by = held_back_by.astimezone(UTC)  # whatever the session's zone
             log.warning(
                 "retention: an unprocessed row from %s holds back the cutoff; "
                 "rows from then on stay until the sentiment workers mark them processed",
