@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -100,6 +101,30 @@ def test_payload_json_is_encoded_once_and_travels_with_the_blob():
     assert loaded == event
     assert loaded.payload_json == event.payload_json
     assert b"\t" not in event.payload_json  # JSON escapes it, so the blob's tab is unambiguous
+
+
+@pytest.mark.parametrize("build", ["validated", "from_reddit", "skipped_validation"])
+def test_kept_payload_json_holds_no_spare_buffer(build):
+    payload = {"id": "abc123", "created_utc": 1.7e9, "title": "t" * 40}
+    payload |= {f"field_{n}": "reddit text " * 15 for n in range(12)}  # ~2.5 KB of JSON
+    tracemalloc.start()
+    try:
+        if build == "validated":
+            event = _event(payload=payload)
+        elif build == "from_reddit":
+            event = RawEventDTO.from_reddit(payload, "stocks", "submission")
+        else:
+            event = RawEventDTO.model_construct(**{**_event().__dict__, "payload": payload})
+        encoded = event.payload_json
+        held = sum(
+            stat.size
+            for stat in tracemalloc.take_snapshot().statistics("traceback")
+            if stat.size >= len(encoded)  # the one allocation that holds the JSON
+        )
+    finally:
+        tracemalloc.stop()
+    assert len(encoded) > 2000
+    assert held < 1.2 * len(encoded)  # orjson's own buffer would be 2-8 times that
 
 
 def test_blobs_in_the_earlier_format_still_load():
