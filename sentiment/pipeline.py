@@ -18,6 +18,7 @@ import json
 import os
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,47 +133,56 @@ def advance_watermarks(subreddit: str, marks: dict[str, str]) -> None:
 # -- batches by reference ---------------------------------------------------
 
 
-# The last batch this process stashed or decoded. insert_batch and export_csv of one chain
-# usually run in the same pool process, one after the other: the export then
-# reuses the insert's events instead of fetching, decompressing and decoding the
-# blob again. A blob never changes under its key (a fresh uuid), and events are
-# frozen, so the cache cannot go stale; it holds one batch at most.
-_last_batch: tuple[str, list[RawEventDTO]] | None = None
+# The last few batches this process stashed or decoded, oldest first. A chain's
+# insert_batch and export_csv often run in the pool process that scraped or
+# inserted it, but not right after: the worker takes from its three queues in
+# turn, so other chains' tasks come in between. Hits reuse the events instead of
+# fetching, decompressing and decoding the blob again. A blob never changes
+# under its key (a fresh uuid) and events are frozen, so an entry cannot go
+# stale. Bounded by events, not entries: an event of ~2 KB of JSON takes ~7 KB
+# of memory (tracemalloc), so the cache stays under ~35 MB.
+_CACHE_MAX_EVENTS = 5_000
+_cache: OrderedDict[str, list[RawEventDTO]] = OrderedDict()
+
+
+def _remember(key: str, events: list[RawEventDTO]) -> None:
+    _cache[key] = events
+    _cache.move_to_end(key)
+    cached = sum(map(len, _cache.values()))
+    while cached > _CACHE_MAX_EVENTS and len(_cache) > 1:  # the newest stays, however big
+        cached -= len(_cache.popitem(last=False)[1])
 
 
 def stash_batch(events: list[RawEventDTO]) -> str | None:
     """Store events as a compressed blob; return its key (None for no events)."""
     if not events:
         return None
-    global _last_batch  # noqa: PLW0603 - a one-entry, per-process cache
     key = f"sentiment:batch:{uuid.uuid4().hex}"
     get_redis().set(key, zstd.compress(dump_events(events)), ex=BATCH_TTL_S)
-    _last_batch = (key, list(events))  # insert_batch often runs next in this process
+    _remember(key, list(events))
     return key
 
 
 def load_batch(key: str | None) -> list[RawEventDTO]:
-    global _last_batch  # noqa: PLW0603 - a one-entry, per-process cache
     if key is None:
         return []
-    if _last_batch is not None and _last_batch[0] == key:
-        return list(_last_batch[1])
-    blob = get_redis().get(key)
-    if blob is None:
-        raise BatchExpired(
-            f"batch {key} is gone from Redis (expired or flushed); the next scrape fetches it again"
-        )
-    events = load_events(zstd.decompress(blob))
-    _last_batch = (key, events)
-    return list(events)
+    events = _cache.get(key)
+    if events is None:
+        blob = get_redis().get(key)
+        if blob is None:
+            raise BatchExpired(
+                f"batch {key} is gone from Redis (expired or flushed); "
+                "the next scrape fetches it again"
+            )
+        events = load_events(zstd.decompress(blob))
+    _remember(key, events)
+    return list(events)  # a caller may change its list, never the cache's
 
 
 def drop_batch(key: str | None) -> None:
-    global _last_batch  # noqa: PLW0603 - a one-entry, per-process cache
     if key is not None:
         get_redis().delete(key)
-        if _last_batch is not None and _last_batch[0] == key:
-            _last_batch = None
+        _cache.pop(key, None)
 
 
 # -- locks and subreddit health ---------------------------------------------

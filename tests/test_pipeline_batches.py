@@ -1,4 +1,4 @@
-"""Batches by reference: the blob in Redis and this process's one-entry cache."""
+"""Batches by reference: the blob in Redis and this process's cache of recent batches."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_a_stashed_batch_loads_back_equal_from_redis(redis_client):
     events = make_events(20)
     key = pipeline.stash_batch(events)
     assert key is not None
-    pipeline._last_batch = None  # as in another process
+    pipeline._cache.clear()  # as in another process
 
     assert pipeline.load_batch(key) == events
     assert load_events(zstd.decompress(redis_client.get(key))) == events
@@ -27,7 +27,7 @@ def test_a_stashed_batch_loads_back_equal_from_redis(redis_client):
 def test_the_export_reuses_the_batch_this_process_decoded(redis_client):
     events = make_events(5)
     key = pipeline.stash_batch(events)
-    pipeline._last_batch = None
+    pipeline._cache.clear()
     first = pipeline.load_batch(key)
     redis_client.delete(key)  # only the cache can answer now
 
@@ -48,16 +48,28 @@ def test_a_dropped_batch_is_gone_from_the_cache_too(redis_client):
         pipeline.load_batch(key)
 
 
-def test_another_batch_is_read_from_redis(redis_client):
-    ours = pipeline.stash_batch(make_events(2))
-    other_events = make_events(4)
-    other = pipeline.stash_batch(other_events)  # the cache now holds this one
-    pipeline._last_batch = None
-    assert pipeline.load_batch(other) == other_events
+def test_recent_batches_are_reused_up_to_a_number_of_events(redis_client, monkeypatch):
+    monkeypatch.setattr(pipeline, "_CACHE_MAX_EVENTS", 10)
+    batches = {pipeline.stash_batch(make_events(4)): 4 for _ in range(3)}
+    oldest, *recent = batches
+    for key in batches:
+        redis_client.delete(key)  # only the cache can answer now
 
-    redis_client.delete(ours)
+    for key in recent:
+        assert len(pipeline.load_batch(key)) == 4
+    with pytest.raises(pipeline.BatchExpired):  # 12 events > 10: the oldest went
+        pipeline.load_batch(oldest)
+
+
+def test_a_batch_larger_than_the_cache_is_still_kept_alone(redis_client, monkeypatch):
+    monkeypatch.setattr(pipeline, "_CACHE_MAX_EVENTS", 10)
+    small = pipeline.stash_batch(make_events(3))
+    large = pipeline.stash_batch(make_events(25))
+    redis_client.delete(small, large)
+
+    assert len(pipeline.load_batch(large)) == 25  # its insert and export reuse it
     with pytest.raises(pipeline.BatchExpired):
-        pipeline.load_batch(ours)
+        pipeline.load_batch(small)
 
 
 def test_the_csv_ledger_remembers_a_batch_longer_than_its_blob_lives():
