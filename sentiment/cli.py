@@ -1,12 +1,13 @@
 """`sentiment …`: run the pipeline, look at it, and poke it.
 
-sentiment run [--duration S]   everything: servers, migrations, worker, beat, Flower
-sentiment status               queues, last scrapes, row counts, backlog, health
-sentiment scrape SUBREDDIT     enqueue one scrape, wait, print its summary
-sentiment migrate [--check]    alembic upgrade head (or: do models and migrations agree?)
-sentiment services start|stop  the embedded PostgreSQL and Redis
-sentiment simulator            the Reddit-compatible simulator, on 127.0.0.1
-sentiment reddit check         are the credentials good, is each subreddit readable?
+sentiment run [--duration S]     everything: servers, migrations, worker, beat, Flower
+sentiment status                 queues, last scrapes, row counts, backlog, health
+sentiment scrape SUBREDDIT       enqueue one scrape, wait, print its summary
+sentiment migrate [--check]      alembic upgrade head (or: do models and migrations agree?)
+sentiment retention [--dry-run]  drop processed days past RETENTION_DAYS (or: what would go)
+sentiment services start|stop    the embedded PostgreSQL and Redis
+sentiment simulator              the Reddit-compatible simulator, on 127.0.0.1
+sentiment reddit check           are the credentials good, is each subreddit readable?
 """
 
 from __future__ import annotations
@@ -108,6 +109,33 @@ def scrape(
         summary = result.get(timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - show the task's own error, whatever it is
         _fail(f"{type(exc).__name__}: {exc}")
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def retention(
+    days: Annotated[
+        int | None, typer.Option(min=1, help="keep this many days (default: RETENTION_DAYS)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="say what would be dropped, drop nothing")
+    ] = False,
+) -> None:
+    """Drop processed days older than RETENTION_DAYS now, as the hourly task does."""
+    import sqlalchemy.exc
+
+    from sentiment.retention import apply_retention
+
+    days = days or get_settings().retention_days
+    if days is None:
+        _fail("retention is off: set RETENTION_DAYS, or give --days N")
+        return
+    try:
+        result = apply_retention(days, dry_run=dry_run)
+    except sqlalchemy.exc.OperationalError as exc:
+        _fail(f"PostgreSQL is unavailable: {exc.orig}")
+        return
+    summary = {"dry_run": dry_run, **result.summary(), "dropped_names": list(result.dropped)}
     console.print_json(json.dumps(summary))
 
 

@@ -54,13 +54,22 @@ class RetentionResult:
 
 
 def apply_retention(
-    days: int, *, engine: Engine | None = None, now: datetime | None = None
+    days: int,
+    *,
+    engine: Engine | None = None,
+    now: datetime | None = None,
+    dry_run: bool = False,
 ) -> RetentionResult:
-    """Drop what is older than `days` days (and processed); see the module doc."""
+    """Drop what is older than `days` days (and processed); see the module doc.
+
+    With `dry_run` the very same statements run and are rolled back (DROP is
+    transactional in PostgreSQL), so the result says exactly what a real run
+    would drop now, and nothing is dropped.
+    """
     if days < 1:
         raise ValueError("retention must keep at least one day")
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-    with (engine or get_engine()).begin() as conn:
+    with (engine or get_engine()).connect() as conn, conn.begin() as transaction:
         conn.execute(text("LOCK TABLE raw_events IN SHARE ROW EXCLUSIVE MODE"))
         oldest = conn.execute(text("SELECT min(occurred_at) FROM raw_events WHERE NOT processed"))
         held_back_by = oldest.scalar()
@@ -90,8 +99,10 @@ def apply_retention(
                 text("DELETE FROM raw_events_default WHERE occurred_at < :cutoff"),
                 {"cutoff": cutoff},
             ).rowcount
+        if dry_run:
+            transaction.rollback()
     result = RetentionResult(cutoff, held_back_by, dropped, deleted)
-    if dropped or deleted:
+    if (dropped or deleted) and not dry_run:
         log.info("retention: before %s: dropped %s, deleted %d rows from the default partition",
                  cutoff.isoformat(), ", ".join(dropped) or "nothing", deleted)  # fmt: skip
     return result

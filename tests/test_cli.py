@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -98,6 +98,43 @@ def test_a_bad_setting_is_reported_without_a_traceback():
     assert result.returncode == 1
     assert "PG_PORT: Input should be a valid integer" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_retention_previews_then_drops_old_processed_rows(settings, db):
+    from sqlalchemy import text
+
+    old = datetime.now(UTC) - timedelta(days=400)  # no partition that old: the default one
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO raw_events (id, occurred_at, source, source_id, event_type,"
+                " payload, processed) VALUES ('old1', :at, 'reddit', 'stocks', 'comment',"
+                " '{}', true), ('new1', now(), 'reddit', 'stocks', 'comment', '{}', false)"
+            ),
+            {"at": old},
+        )
+
+    def stored() -> set[str]:
+        with db.connect() as conn:
+            return set(conn.execute(text("SELECT id FROM raw_events")).scalars())
+
+    off = _sentiment("retention")
+    assert off.returncode == 1
+    assert "retention is off: set RETENTION_DAYS" in off.stdout
+
+    preview = _sentiment("retention", "--days", "365", "--dry-run")
+    assert preview.returncode == 0, preview.stdout + preview.stderr
+    would = json.loads(preview.stdout)
+    assert (would["dry_run"], would["held_back_by"]) == (True, None)
+    # old1's chunk (TimescaleDB), or old1 in the default partition (plain PostgreSQL)
+    assert (would["dropped"], would["rows_deleted"]) in {(1, 0), (0, 1)}
+    assert stored() == {"old1", "new1"}
+
+    done = _sentiment("retention", env={"RETENTION_DAYS": "365"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["dropped"], report["rows_deleted"]) == (would["dropped"], would["rows_deleted"])
+    assert stored() == {"new1"}
 
 
 def test_scrape_refuses_an_invalid_name_before_enqueuing(settings):

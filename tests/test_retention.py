@@ -145,6 +145,23 @@ def _wait_for_a_lock_wait(scratch: Engine) -> None:
             conn.rollback()
 
 
+def test_a_dry_run_reports_exactly_what_a_run_drops_and_drops_nothing(partitioned):
+    _insert(partitioned, {"old40": (_days_ago(40), True), "new2": (_days_ago(2), False)})
+    with partitioned.begin() as conn:
+        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _insert(partitioned, {"default50": (_days_ago(50), True)})
+    before = raw_events_partitions(partitioned)
+
+    preview = apply_retention(30, engine=partitioned, now=NOW, dry_run=True)
+
+    assert raw_events_partitions(partitioned) == before
+    assert _stored(partitioned) == {"old40", "new2", "default50"}
+    done = apply_retention(30, engine=partitioned, now=NOW)
+    assert (preview.dropped, preview.rows_deleted) == (done.dropped, done.rows_deleted)
+    assert done.dropped == (_day_partition(_days_ago(40)),)
+    assert _stored(partitioned) == {"new2"}
+
+
 def test_retention_refuses_to_keep_nothing(partitioned):
     with pytest.raises(ValueError, match="at least one day"):
         apply_retention(0, engine=partitioned)
