@@ -140,7 +140,7 @@ def advance_watermarks(subreddit: str, marks: dict[str, str]) -> None:
 # fetching, decompressing and decoding the blob again. A blob never changes
 # under its key (a fresh uuid) and events are frozen, so an entry cannot go
 # stale. Bounded by events, not entries: an event of ~2 KB of JSON takes ~7 KB
-# of memory (tracemalloc), so the cache stays under ~35 MB.
+# of memory (tracemalloc), so ~35 MB, or one batch if that alone is larger.
 _CACHE_MAX_EVENTS = 5_000
 _cache: OrderedDict[str, list[RawEventDTO]] = OrderedDict()
 

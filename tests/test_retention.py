@@ -33,6 +33,12 @@ def _insert(scratch: Engine, rows: dict[str, tuple[datetime, bool]]) -> None:
         )
 
 
+def _keep_partitions(scratch: Engine) -> None:
+    """Run the partition keeper: every day with a row in the default partition gets its own."""
+    with scratch.begin() as conn:
+        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+
+
 def _stored(scratch: Engine) -> set[str]:
     with scratch.connect() as conn:
         return set(conn.execute(text("SELECT id FROM raw_events")).scalars())
@@ -55,8 +61,7 @@ def test_old_processed_days_are_dropped_whole_and_the_rest_kept(partitioned):
         {"old40": (_days_ago(40), True), "old31": (_days_ago(31), True),
          "new2": (_days_ago(2), False), "new29": (_days_ago(29), True)},
     )  # fmt: skip
-    with partitioned.begin() as conn:  # the keeper gives the old days their partitions
-        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _keep_partitions(partitioned)  # the old days get their partitions
     _insert(partitioned, {"default50": (_days_ago(50), True)})  # no partition: the default one
     before = set(raw_events_partitions(partitioned))
 
@@ -80,8 +85,7 @@ def test_an_unprocessed_row_holds_the_cutoff_back_until_it_is_processed(partitio
         {"old40": (_days_ago(40), True), "waiting35": (_days_ago(35), False),
          "old33": (_days_ago(33), True), "default45": (_days_ago(45), True)},
     )  # fmt: skip
-    with partitioned.begin() as conn:
-        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _keep_partitions(partitioned)
     _insert(partitioned, {"default36": (_days_ago(36), True), "default34": (_days_ago(34), True)})
 
     held = apply_retention(30, engine=partitioned, now=NOW)
@@ -105,8 +109,7 @@ def test_a_day_that_is_not_over_by_the_cutoff_stays(partitioned):
     # The cutoff falls inside this row's day: its partition still holds newer time.
     cutoff_day_start = _days_ago(30).replace(hour=0, minute=0, second=0)
     _insert(partitioned, {"early": (cutoff_day_start, True)})
-    with partitioned.begin() as conn:
-        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _keep_partitions(partitioned)
 
     result = apply_retention(30, engine=partitioned, now=NOW)
 
@@ -116,8 +119,7 @@ def test_a_day_that_is_not_over_by_the_cutoff_stays(partitioned):
 
 def test_a_row_written_while_retention_runs_is_not_lost(partitioned):
     _insert(partitioned, {"old40": (_days_ago(40), True)})
-    with partitioned.begin() as conn:
-        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _keep_partitions(partitioned)
 
     with partitioned.connect() as writer, ThreadPoolExecutor(1) as pool:
         late = writer.begin()  # an old, unprocessed row, not yet committed
@@ -147,8 +149,7 @@ def _wait_for_a_lock_wait(scratch: Engine) -> None:
 
 def test_a_dry_run_reports_exactly_what_a_run_drops_and_drops_nothing(partitioned):
     _insert(partitioned, {"old40": (_days_ago(40), True), "new2": (_days_ago(2), False)})
-    with partitioned.begin() as conn:
-        conn.execute(text("SELECT * FROM raw_events_ensure_partitions(7)"))
+    _keep_partitions(partitioned)
     _insert(partitioned, {"default50": (_days_ago(50), True)})
     before = raw_events_partitions(partitioned)
 
