@@ -67,6 +67,7 @@ task_routes = {
     "sentiment.tasks.keep_partitions": {"queue": "ingest"},
     "sentiment.tasks.apply_retention": {"queue": "ingest"},
     "sentiment.tasks.export_csv": {"queue": "export"},
+    "sentiment.tasks.retry_exports": {"queue": "export"},
 }
 
 # Flower and `sentiment status` see tasks as they move.

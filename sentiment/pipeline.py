@@ -9,6 +9,9 @@
   until the batch is stored and the watermarks advanced.
 * A subreddit that answers 403/404 is marked failing and skipped, with a
   backoff that doubles up to six hours, instead of being hammered.
+* A CSV export that fails for good (its retries spent, or a corrupt ledger) is
+  parked, and retried every 10 minutes while its blob lasts: its rows are in
+  PostgreSQL already, and the watermarks have moved past them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ except ImportError:  # pragma: no cover - depends on the Python version
     from backports import zstd
 
 __all__ = [
+    "PARKED_EXPORTS_KEY",
     "BatchExpired",
     "acquire_scrape_lock",
     "drop_batch",
@@ -49,12 +53,16 @@ __all__ = [
     "get_redis",
     "load_batch",
     "mark_failing",
+    "park_export",
+    "parked_exports",
     "record_run",
     "release_scrape_lock",
     "stash_batch",
+    "unpark_export",
 ]
 
 BATCH_TTL_S = 3 * 24 * 3600  # outlives any retry schedule; a crashed chain's blob still expires
+PARKED_EXPORTS_KEY = "sentiment:exports:parked"  # hash: batch_id -> export_csv's argument
 _FAILING_BASE_S = 300
 _FAILING_MAX_S = 6 * 3600
 
@@ -183,6 +191,29 @@ def drop_batch(key: str | None) -> None:
     if key is not None:
         get_redis().delete(key)
         _cache.pop(key, None)
+
+
+# -- exports that failed for good -------------------------------------------
+
+
+def park_export(batch: dict[str, Any]) -> None:
+    """Keep an export that failed for good (`batch` is export_csv's argument) to retry.
+
+    Its blob keeps its expiry, `BATCH_TTL_S` after the scrape: the CSV ledgers
+    remember a batch for longer than that, which is what makes a retry safe
+    after a partial or even complete earlier attempt.
+    """
+    get_redis().hset(PARKED_EXPORTS_KEY, batch["batch_id"], json.dumps(batch))
+
+
+def parked_exports() -> list[dict[str, Any]]:
+    """The parked exports, oldest batch first."""
+    batches = [json.loads(value) for value in get_redis().hvals(PARKED_EXPORTS_KEY)]
+    return sorted(batches, key=lambda batch: batch.get("started_at", 0))
+
+
+def unpark_export(batch_id: str) -> None:
+    get_redis().hdel(PARKED_EXPORTS_KEY, batch_id)
 
 
 # -- locks and subreddit health ---------------------------------------------

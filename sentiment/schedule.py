@@ -27,8 +27,8 @@ _BEAT_LOCK_TTL = 60
 
 
 def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The beat entries: one scrape per subreddit, the partition keeper and,
-    when RETENTION_DAYS is set, retention."""
+    """The beat entries: one scrape per subreddit, the partition keeper, the retry
+    of parked CSV exports and, when RETENTION_DAYS is set, retention."""
     schedule: dict[str, dict[str, Any]] = {
         f"scrape-{sub.name}": {
             "task": "sentiment.tasks.scrape",
@@ -42,6 +42,11 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "task": "sentiment.tasks.keep_partitions",
         "schedule": crontab(minute=7),  # hourly; partitions are made days ahead
         "options": {"expires": 3000.0},
+    }
+    schedule["retry-exports"] = {
+        "task": "sentiment.tasks.retry_exports",
+        "schedule": 600.0,  # parked CSV exports; a no-op (one Redis read) when there are none
+        "options": {"expires": 540.0},
     }
     if settings.retention_days is not None:
         schedule["apply-retention"] = {

@@ -13,6 +13,7 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 
 from sentiment.config import Settings
+from sentiment.pipeline import PARKED_EXPORTS_KEY
 from sentiment.reddit.ratelimit import limiter_key
 
 __all__ = ["collect_status", "render_status", "status_table"]
@@ -71,6 +72,7 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
     try:
         client.ping()
         report["queues"] = {queue: client.llen(queue) for queue in QUEUES}
+        report["parked_exports"] = client.hlen(PARKED_EXPORTS_KEY)
         limiter = client.hgetall(limiter_key(settings.reddit_client_id or "anonymous"))
         now = time.time()
         if limiter:
@@ -123,6 +125,7 @@ def status_table(report: dict[str, Any]) -> Group:
         "queues (scrape/ingest/export)",
         "unprocessed",
         "rejected",
+        "parked CSV exports",
         "rate limit",
         title="pipeline",
     )
@@ -134,6 +137,7 @@ def status_table(report: dict[str, Any]) -> Group:
         "/".join(str(queues.get(q, "?")) for q in QUEUES),
         _backlog(report),
         str(report.get("rejected", "?")),
+        str(report.get("parked_exports", "?")),
         f"{limit['remaining']}/{limit['limit']} left, resets in {limit['resets_in_s']}s"
         if limit
         else "-",

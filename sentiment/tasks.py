@@ -6,6 +6,7 @@
     mark_processed(keys)         [ingest]  for the sentiment workers
     keep_partitions()            [ingest]  hourly: future partitions (plain PostgreSQL)
     apply_retention()            [ingest]  hourly when RETENTION_DAYS is set: drop old days
+    retry_exports()              [export]  every 10 minutes: CSV exports parked after failing
 
 `scrape` replaces itself with the chain, so `scrape.delay("stocks").get()`
 returns the summary of the whole run. Every task is idempotent, so a
@@ -38,7 +39,15 @@ from sentiment.errors import (
 from sentiment.sinks import csv as csv_sink
 from sentiment.sinks import postgres as pg_sink
 
-__all__ = ["export_csv", "insert_batch", "keep_partitions", "mark_processed", "scrape"]
+__all__ = [
+    "apply_retention",
+    "export_csv",
+    "insert_batch",
+    "keep_partitions",
+    "mark_processed",
+    "retry_exports",
+    "scrape",
+]
 
 log: logging.Logger = get_task_logger(__name__)
 _settings = get_settings()
@@ -117,12 +126,40 @@ def insert_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, **result.summary(), "new": sorted(position[e.key] for e in result.new)}
 
 
-@app.task(bind=True, name="sentiment.tasks.export_csv", **_RETRY)
+class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
+    """export_csv: an export that fails for good is parked for `retry_exports`."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], einfo: Any) -> None:  # fmt: skip
+        if isinstance(exc, pipeline.BatchExpired) or not args:
+            return  # nothing left to retry: exported and dropped already, or expired
+        batch = args[0]
+        try:
+            pipeline.park_export(batch)
+            pipeline.record_run(batch["subreddit"], error=f"CSV export parked: {exc}")
+        except redis.exceptions.RedisError as parking:
+            log.error(  # noqa: TRY400 - both errors are in the message
+                "r/%s: the CSV export of batch %s failed for good (%s) and could not be "
+                "parked (%s): its %d new rows are in PostgreSQL but not in CSV",
+                batch["subreddit"], batch["batch_id"], exc, parking, len(batch["new"]),
+            )  # fmt: skip
+            return
+        log.error("r/%s: the CSV export of %d new rows failed for good (%s); parked, "
+                  "retried every 10 minutes while its batch lasts (3 days)",
+                  batch["subreddit"], len(batch["new"]), exc)  # fmt: skip
+
+
+@app.task(bind=True, base=_ExportTask, name="sentiment.tasks.export_csv", **_RETRY)
 def export_csv(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     """Append the batch's new rows to the CSV files; return the run's summary."""
+    return _export(batch)
+
+
+def _export(batch: dict[str, Any]) -> dict[str, Any]:
     events = pipeline.load_batch(batch["batch"])
     new = [events[index] for index in batch["new"]]
     exported = csv_sink.export_events(new, csv_dir=_settings.csv_dir, batch_id=batch["batch_id"])
+    pipeline.unpark_export(batch["batch_id"])  # before the blob goes: never "lost" once done
     pipeline.drop_batch(batch["batch"])
     summary = {
         "subreddit": batch["subreddit"],
@@ -139,6 +176,30 @@ def export_csv(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     pipeline.record_run(batch["subreddit"], summary=summary)
     log.info("r/%s done: %s", batch["subreddit"], summary)
     return summary
+
+
+@app.task(name="sentiment.tasks.retry_exports")
+def retry_exports() -> dict[str, int]:
+    """Retry the parked CSV exports: "exported", still "failing", or "lost" (blob expired)."""
+    counts = dict.fromkeys(("exported", "failing", "lost"), 0)
+    for batch in pipeline.parked_exports():
+        name = batch["subreddit"]
+        try:
+            _export(batch)
+        except pipeline.BatchExpired:
+            pipeline.unpark_export(batch["batch_id"])
+            log.error(  # noqa: TRY400 - a traceback would say nothing more
+                "r/%s: a parked CSV export's batch expired: its %d rows are in PostgreSQL "
+                "but not in CSV", name, len(batch["new"]),
+            )  # fmt: skip
+            counts["lost"] += 1
+        except Exception as exc:  # noqa: BLE001 - one export's trouble must not stop the others
+            log.warning("r/%s: a parked CSV export still fails: %s", name, exc)
+            counts["failing"] += 1
+        else:
+            log.info("r/%s: a parked CSV export is done", name)
+            counts["exported"] += 1
+    return counts
 
 
 @app.task(bind=True, name="sentiment.tasks.mark_processed", **_RETRY)

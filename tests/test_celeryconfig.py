@@ -9,6 +9,7 @@ from sentiment.tasks import (
     insert_batch,
     keep_partitions,
     mark_processed,
+    retry_exports,
     scrape,
 )
 
@@ -24,6 +25,7 @@ def test_each_task_lands_in_its_own_queue():
             mark_processed,
             keep_partitions,
             apply_retention,
+            retry_exports,
         )
     }
     assert {name: (q.name, q.routing_key, q.exchange.name) for name, q in routes.items()} == {
@@ -33,6 +35,7 @@ def test_each_task_lands_in_its_own_queue():
         "sentiment.tasks.mark_processed": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.keep_partitions": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.apply_retention": ("ingest", "ingest", "ingest"),
+        "sentiment.tasks.retry_exports": ("export", "export", "export"),
     }
 
 

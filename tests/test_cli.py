@@ -70,11 +70,13 @@ def test_run_brings_up_the_whole_pipeline_and_stops_cleanly(settings, db, redis_
 
 
 def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
+    from sentiment.pipeline import park_export
     from sentiment.sinks.postgres import insert_batch
     from tests.factories import make_events
 
     events = make_events(7, subreddit="stocks")
     insert_batch(events)
+    park_export({"batch_id": "b1", "batch": None, "subreddit": "stocks", "new": [0]})
 
     result = _sentiment("status", "--json", env={"SUBREDDITS": "stocks"})
 
@@ -82,6 +84,7 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     report = json.loads(result.stdout)
     assert report["health"] == {"postgres": "ok", "redis": "ok"}
     assert report["unprocessed"] == 7
+    assert report["parked_exports"] == 1
     oldest = min(e.occurred_at for e in events)
     assert datetime.fromisoformat(report["oldest_unprocessed"]) == oldest
     # A session in another time zone still gets UTC in the table.

@@ -200,6 +200,62 @@ def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(
     assert sorted(_csv_ids(csv_dir)) == sorted(stored)
 
 
+def test_an_export_that_fails_for_good_is_parked_and_retried_once_the_disk_is_back(
+    worker_factory, simulator, db, redis_client, tmp_path
+):
+    from sentiment.tasks import retry_exports
+
+    blocked = tmp_path / "csv"
+    blocked.write_text("a file where the CSV folder should be")  # every export fails
+    worker_factory(env={"CSV_DIR": str(blocked), "TASK_MAX_RETRIES": "0"})
+    name = _unique_subreddit("parked")
+    simulator.add_subreddit(name, submissions=30, comments=70)
+
+    with pytest.raises(Exception, match="CSV disk unavailable"):
+        scrape.delay(name).get(timeout=90)
+
+    stored = _stored_ids(db, name)
+    assert len(stored) == 100  # in PostgreSQL already; only the CSV is missing
+    (parked,) = pipeline.parked_exports()
+    assert parked["subreddit"] == name
+    assert redis_client.exists(parked["batch"])
+    assert retry_exports.delay().get(timeout=60) == {"exported": 0, "failing": 1, "lost": 0}
+
+    blocked.unlink()
+    blocked.mkdir()
+    assert retry_exports.delay().get(timeout=60) == {"exported": 1, "failing": 0, "lost": 0}
+    assert sorted(_csv_ids(blocked)) == sorted(stored)
+    assert pipeline.parked_exports() == []
+    assert not redis_client.exists(parked["batch"])
+
+    # A late redelivery of the original export finds its batch gone and writes
+    # nothing; it is not parked again.
+    with pytest.raises(Exception, match="gone from Redis"):
+        export_csv.delay(parked).get(timeout=60)
+    assert retry_exports.delay().get(timeout=60) == {"exported": 0, "failing": 0, "lost": 0}
+    assert sorted(_csv_ids(blocked)) == sorted(stored)
+
+
+def test_a_parked_export_whose_batch_expired_is_reported_lost(db, redis_client, caplog):
+    from sentiment.tasks import retry_exports
+
+    pipeline.park_export({"batch_id": "b-expired", "batch": "sentiment:batch:gone",
+                          "subreddit": "stocks", "new": [0, 1, 2]})  # fmt: skip
+
+    assert retry_exports() == {"exported": 0, "failing": 0, "lost": 1}
+    assert pipeline.parked_exports() == []
+    assert "3 rows are in PostgreSQL but not in CSV" in caplog.text
+
+
+def test_beat_retries_parked_exports_every_ten_minutes(settings):
+    from sentiment.schedule import build_beat_schedule
+
+    entry = build_beat_schedule(settings)["retry-exports"]
+    assert entry["task"] == "sentiment.tasks.retry_exports"
+    assert entry["schedule"] == 600.0
+    assert entry["options"]["expires"] < 600
+
+
 def test_redis_restarted_the_worker_reconnects_and_carries_on(worker, simulator, settings):
     if not settings.uses_embedded_redis:
         pytest.skip("needs the embedded Redis, which the test can restart")
