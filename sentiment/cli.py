@@ -5,6 +5,7 @@ sentiment status                 queues, last scrapes, row counts, backlog, heal
 sentiment scrape SUBREDDIT       enqueue one scrape, wait, print its summary
 sentiment migrate [--check]      alembic upgrade head (or: do models and migrations agree?)
 sentiment retention [--dry-run]  drop processed days past RETENTION_DAYS (or: what would go)
+sentiment exports [--retry]      CSV exports parked after failing for good (and: retry them now)
 sentiment services start|stop    the embedded PostgreSQL and Redis
 sentiment simulator              the Reddit-compatible simulator, on 127.0.0.1
 sentiment reddit check           are the credentials good, is each subreddit readable?
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -137,6 +139,56 @@ def retention(
         return
     summary = {"dry_run": dry_run, **result.summary(), "dropped_names": list(result.dropped)}
     console.print_json(json.dumps(summary))
+
+
+@app.command()
+def exports(
+    retry: Annotated[bool, typer.Option("--retry", help="retry them now, here")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """CSV exports parked after failing for good; beat retries them every 10 minutes."""
+    import redis
+
+    from sentiment import pipeline
+
+    try:
+        if retry:
+            from sentiment.tasks import retry_exports
+
+            console.print("retrying the parked CSV exports…")
+            print(json.dumps(retry_exports()))
+            return
+        parked = pipeline.parked_exports()
+        listing = [
+            {
+                "subreddit": batch["subreddit"],
+                "rows": len(batch["new"]),
+                "batch_id": batch["batch_id"],
+                "scraped_at": batch.get("started_at"),
+                "batch_alive": bool(batch.get("batch"))
+                and bool(pipeline.get_redis().exists(batch["batch"])),
+            }
+            for batch in parked
+        ]
+    except redis.RedisError as exc:
+        _fail(f"Redis is unavailable: {exc}")
+        return
+    if as_json:
+        print(json.dumps(listing))
+        return
+    table = Table(
+        "subreddit", "rows", "batch", "scraped", "batch in Redis", title="parked CSV exports"
+    )
+    for entry in listing:
+        when = entry["scraped_at"]
+        table.add_row(
+            entry["subreddit"],
+            str(entry["rows"]),
+            entry["batch_id"],
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when else "?",
+            "yes" if entry["batch_alive"] else "no: expired, cannot be retried",
+        )
+    console.print(table)
 
 
 @app.command()

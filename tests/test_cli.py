@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -93,6 +94,43 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     assert f"7 (oldest {oldest:%Y-%m-%d %H:%M} UTC)" in table.stdout
     assert report["subreddits"]["stocks"]["submissions"] == 7
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
+
+
+def test_exports_lists_parked_exports_and_retries_them(settings, db, redis_client, csv_dir):
+    import time
+
+    from sentiment import pipeline
+    from sentiment.sinks.postgres import insert_batch
+    from tests.factories import make_events
+
+    events = make_events(5, subreddit="stocks")
+    insert_batch(events)
+    key = pipeline.stash_batch(events)
+    summary = dict.fromkeys(("duplicates", "rejected", "gaps", "malformed", "requests"), 0)
+    pipeline.park_export({**summary, "batch_id": "b-cli", "batch": key, "subreddit": "stocks",
+                          "new": [0, 1, 2, 3, 4], "fetched": 5, "inserted": 5,
+                          "started_at": time.time()})  # fmt: skip
+
+    listed = _sentiment("exports", "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert entry["subreddit"] == "stocks"
+    assert entry["rows"] == 5
+    assert entry["batch_id"] == "b-cli"
+    assert entry["batch_alive"] is True
+
+    retried = _sentiment("exports", "--retry")
+
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert json.loads(retried.stdout.split("\n", 1)[1]) == {"exported": 1, "failing": 0, "lost": 0}
+    written = []
+    for path in csv_dir.rglob("*.csv"):
+        with path.open(newline="", encoding="utf-8") as handle:
+            written += [row[0] for row in list(csv.reader(handle))[1:]]
+    assert sorted(written) == sorted(e.id for e in events)
+    assert pipeline.parked_exports() == []
+    assert json.loads(_sentiment("exports", "--json").stdout) == []
 
 
 def test_a_bad_setting_is_reported_without_a_traceback():
