@@ -158,17 +158,14 @@ def exports(
             console.print("retrying the parked CSV exports…")
             print(json.dumps(retry_exports()))
             return
-        parked = pipeline.parked_exports()
         listing = [
             {
                 "subreddit": batch["subreddit"],
                 "rows": len(batch["new"]),
                 "batch_id": batch["batch_id"],
-                "scraped_at": batch.get("started_at"),
-                "batch_alive": bool(batch.get("batch"))
-                and bool(pipeline.get_redis().exists(batch["batch"])),
+                "retry_until": batch.get("started_at", 0) + pipeline.BATCH_TTL_S,
             }
-            for batch in parked
+            for batch in pipeline.parked_exports()
         ]
     except redis.RedisError as exc:
         _fail(f"Redis is unavailable: {exc}")
@@ -176,18 +173,10 @@ def exports(
     if as_json:
         print(json.dumps(listing))
         return
-    table = Table(
-        "subreddit", "rows", "batch", "scraped", "batch in Redis", title="parked CSV exports"
-    )
+    table = Table("subreddit", "rows", "batch", "retried until", title="parked CSV exports")
     for entry in listing:
-        when = entry["scraped_at"]
-        table.add_row(
-            entry["subreddit"],
-            str(entry["rows"]),
-            entry["batch_id"],
-            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when else "?",
-            "yes" if entry["batch_alive"] else "no: expired, cannot be retried",
-        )
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["retry_until"]))
+        table.add_row(entry["subreddit"], str(entry["rows"]), entry["batch_id"], until)
     console.print(table)
 
 

@@ -10,7 +10,7 @@
 * A subreddit that answers 403/404 is marked failing and skipped, with a
   backoff that doubles up to six hours, instead of being hammered.
 * A CSV export that fails for good (its retries spent, or a corrupt ledger) is
-  parked, and retried every 10 minutes while its blob lasts: its rows are in
+  parked, and retried every 10 minutes for up to `BATCH_TTL_S`: its rows are in
   PostgreSQL already, and the watermarks have moved past them.
 """
 
@@ -199,9 +199,9 @@ def drop_batch(key: str | None) -> None:
 def park_export(batch: dict[str, Any]) -> None:
     """Keep an export that failed for good (`batch` is export_csv's argument) to retry.
 
-    Its blob keeps its expiry, `BATCH_TTL_S` after the scrape: the CSV ledgers
-    remember a batch for longer than that, which is what makes a retry safe
-    after a partial or even complete earlier attempt.
+    `retry_exports` tries it for up to `BATCH_TTL_S` after the scrape: the CSV
+    ledgers remember a batch for longer than that, which is what makes a retry
+    safe after a partial or even complete earlier attempt.
     """
     get_redis().hset(PARKED_EXPORTS_KEY, batch["batch_id"], json.dumps(batch))
 

@@ -132,7 +132,7 @@ class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any], einfo: Any) -> None:  # fmt: skip
         if isinstance(exc, pipeline.BatchExpired) or not args:
-            return  # nothing left to retry: exported and dropped already, or expired
+            return  # no blob and no record of its new rows: nothing to retry with
         batch = args[0]
         try:
             pipeline.park_export(batch)
@@ -145,7 +145,7 @@ class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
             )  # fmt: skip
             return
         log.error("r/%s: the CSV export of %d new rows failed for good (%s); parked, "
-                  "retried every 10 minutes while its batch lasts (3 days)",
+                  "retried every 10 minutes for up to 3 days",
                   batch["subreddit"], len(batch["new"]), exc)  # fmt: skip
 
 
@@ -156,8 +156,17 @@ def export_csv(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export(batch: dict[str, Any]) -> dict[str, Any]:
-    events = pipeline.load_batch(batch["batch"])
-    new = [events[index] for index in batch["new"]]
+    try:
+        events = pipeline.load_batch(batch["batch"])
+        new = [events[index] for index in batch["new"]]
+    except pipeline.BatchExpired:
+        # Gone from Redis, but stored: ingested_batches knows which rows were new.
+        stored = pg_sink.stored_new_events(batch["batch_id"])
+        if stored is None:
+            raise
+        log.warning("r/%s: batch %s is gone from Redis; exporting its %d new rows from "
+                    "PostgreSQL", batch["subreddit"], batch["batch_id"], len(stored))  # fmt: skip
+        new = stored
     exported = csv_sink.export_events(new, csv_dir=_settings.csv_dir, batch_id=batch["batch_id"])
     pipeline.unpark_export(batch["batch_id"])  # before the blob goes: never "lost" once done
     pipeline.drop_batch(batch["batch"])
@@ -184,18 +193,24 @@ def retry_exports() -> dict[str, int]:
     counts = dict.fromkeys(("exported", "failing", "lost"), 0)
     for batch in pipeline.parked_exports():
         name = batch["subreddit"]
+        # Retried only while its blob would live: the CSV ledgers remember a batch a
+        # day longer, which is what makes a retry after a committed attempt safe.
+        lost = time.time() - batch.get("started_at", 0) > pipeline.BATCH_TTL_S
         try:
-            _export(batch)
+            if not lost:
+                _export(batch)
         except pipeline.BatchExpired:
-            pipeline.unpark_export(batch["batch_id"])
-            log.error(  # noqa: TRY400 - a traceback would say nothing more
-                "r/%s: a parked CSV export's batch expired: its %d rows are in PostgreSQL "
-                "but not in CSV", name, len(batch["new"]),
-            )  # fmt: skip
-            counts["lost"] += 1
+            lost = True
         except Exception as exc:  # noqa: BLE001 - one export's trouble must not stop the others
             log.warning("r/%s: a parked CSV export still fails: %s", name, exc)
             counts["failing"] += 1
+            continue
+        if lost:
+            pipeline.unpark_export(batch["batch_id"])
+            log.error("r/%s: a parked CSV export can no longer be retried (too old, or its "
+                      "batch is gone): its %d rows are in PostgreSQL but not in CSV",
+                      name, len(batch["new"]))  # fmt: skip
+            counts["lost"] += 1
         else:
             log.info("r/%s: a parked CSV export is done", name)
             counts["exported"] += 1

@@ -118,7 +118,7 @@ def test_exports_lists_parked_exports_and_retries_them(settings, db, redis_clien
     assert entry["subreddit"] == "stocks"
     assert entry["rows"] == 5
     assert entry["batch_id"] == "b-cli"
-    assert entry["batch_alive"] is True
+    assert entry["retry_until"] == pytest.approx(time.time() + pipeline.BATCH_TTL_S, abs=60)
 
     retried = _sentiment("exports", "--retry")
 

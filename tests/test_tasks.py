@@ -228,23 +228,49 @@ def test_an_export_that_fails_for_good_is_parked_and_retried_once_the_disk_is_ba
     assert pipeline.parked_exports() == []
     assert not redis_client.exists(parked["batch"])
 
-    # A late redelivery of the original export finds its batch gone and writes
-    # nothing; it is not parked again.
-    with pytest.raises(Exception, match="gone from Redis"):
-        export_csv.delay(parked).get(timeout=60)
+    # A late redelivery of the original export finds its batch gone from Redis,
+    # reads the new rows back from PostgreSQL, and the ledger has them already.
+    assert export_csv.delay(parked).get(timeout=60)["exported"] == 100
     assert retry_exports.delay().get(timeout=60) == {"exported": 0, "failing": 0, "lost": 0}
     assert sorted(_csv_ids(blocked)) == sorted(stored)
+
+
+def test_an_export_whose_batch_is_gone_reads_its_new_rows_from_postgres(db, redis_client, csv_dir):
+    batch = _big_batch(40)
+    inserted = insert_batch(batch)  # run here, in this process
+    redis_client.delete(batch["batch"])  # Redis lost it between the two links
+    pipeline._cache.clear()  # and this process no longer remembers it
+
+    summary = export_csv(inserted)
+
+    assert summary["exported"] == 40
+    assert sorted(_csv_ids(csv_dir)) == sorted(_stored_ids(db))
+    assert export_csv(inserted)["exported"] == 40  # a redelivery: found in the ledger
+    assert len(_csv_ids(csv_dir)) == 40
 
 
 def test_a_parked_export_whose_batch_expired_is_reported_lost(db, redis_client, caplog):
     from sentiment.tasks import retry_exports
 
-    pipeline.park_export({"batch_id": "b-expired", "batch": "sentiment:batch:gone",
-                          "subreddit": "stocks", "new": [0, 1, 2]})  # fmt: skip
+    # Gone from Redis, and no record of which rows were new (pruned, or never made).
+    pipeline.park_export(
+        {
+            "batch_id": "b-gone",
+            "batch": "sentiment:batch:gone",
+            "subreddit": "stocks",
+            "new": [0, 1, 2],
+            "started_at": time.time(),
+        }
+    )
+    # Older than a blob lives: the CSV ledgers may no longer remember it.
+    old = _big_batch(2) | {"subreddit": "stocks", "new": [0, 1]}
+    old["started_at"] -= pipeline.BATCH_TTL_S + 60
+    pipeline.park_export(old)  # fmt: skip
 
-    assert retry_exports() == {"exported": 0, "failing": 0, "lost": 1}
+    assert retry_exports() == {"exported": 0, "failing": 0, "lost": 2}
     assert pipeline.parked_exports() == []
     assert "3 rows are in PostgreSQL but not in CSV" in caplog.text
+    assert "2 rows are in PostgreSQL but not in CSV" in caplog.text
 
 
 def test_beat_retries_parked_exports_every_ten_minutes(settings):

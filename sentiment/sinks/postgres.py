@@ -67,7 +67,7 @@ from sentiment.config import get_settings
 from sentiment.dto import RawEventDTO
 from sentiment.errors import ServiceUnavailable
 
-__all__ = ["InsertResult", "get_sink_engine", "insert_batch"]
+__all__ = ["InsertResult", "get_sink_engine", "insert_batch", "stored_new_events"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,17 @@ RETURNING id, occurred_at
 """
 _RECORDED = """
 SELECT first_row, last_row, new_keys, rejected FROM ingested_batches WHERE batch_id = %s
+"""
+_HAS_RECORD = "SELECT 1 FROM ingested_batches WHERE batch_id = %s LIMIT 1"
+_NEW_EVENTS = """
+SELECT r.id, r.occurred_at, r.source_id, r.event_type, r.payload
+FROM ingested_batches AS b
+CROSS JOIN LATERAL jsonb_array_elements(b.new_keys) WITH ORDINALITY AS k(key, n)
+JOIN raw_events AS r
+  ON r.id = k.key->>0
+ AND r.occurred_at = timestamptz 'epoch' + (k.key->>1)::bigint * interval '1 microsecond'
+WHERE b.batch_id = %s
+ORDER BY b.first_row, k.n
 """
 _RECORD = """
 INSERT INTO ingested_batches (batch_id, first_row, last_row, new_keys, rejected)
@@ -180,6 +191,38 @@ def insert_batch(
     finally:
         raw.close()
     return batch.result
+
+
+def stored_new_events(batch_id: str, *, engine: Engine | None = None) -> list[RawEventDTO] | None:
+    """The events `insert_batch(..., batch_id=batch_id)` reported new, read back from
+    raw_events (chunk by chunk, each in key order), or None if the batch left no record.
+
+    For an export whose batch is gone from Redis: the rows are stored, and
+    `ingested_batches` (kept 7 days) knows which of them were new.
+    """
+    engine = engine or get_sink_engine()
+    try:
+        raw = engine.raw_connection()
+    except Exception as exc:
+        raise _unavailable(exc) from exc
+    try:
+        conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+        with conn.transaction():
+            if not conn.execute(_HAS_RECORD, (batch_id,)).fetchone():
+                return None
+            rows = conn.execute(_NEW_EVENTS, (batch_id,)).fetchall()
+    except psycopg.OperationalError as exc:
+        raw.invalidate()
+        raise _unavailable(exc) from exc
+    finally:
+        raw.close()
+    events = []
+    for event_id, occurred_at, source_id, event_type, payload in rows:
+        events.append(RawEventDTO.model_construct(
+            id=event_id, occurred_at=occurred_at.astimezone(UTC), source="reddit",
+            source_id=source_id, event_type=event_type, payload=payload,
+        ))  # fmt: skip
+    return events
 
 
 @dataclass
