@@ -46,6 +46,7 @@ is stored. A database that is down raises `ServiceUnavailable` (retryable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -174,22 +175,13 @@ def insert_batch(
     chunk_size = chunk_size or get_settings().insert_batch_size
     unique = _dedupe(events)
     batch = _Batch(unique, batch_id, InsertResult(duplicates=len(events) - len(unique)))
-    try:
-        raw = engine.raw_connection()
-    except Exception as exc:
-        raise _unavailable(exc) from exc
-    try:
-        conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+    with _pooled(engine) as raw:
+        conn: psycopg.Connection[Any] = raw.driver_connection
         _prepare(conn, raw.info)
         if batch_id is not None:
             batch.recorded = _recorded_chunks(conn, batch_id)
         for start in range(0, len(unique), chunk_size):
             _store_chunk(conn, batch, start, min(start + chunk_size, len(unique)))
-    except psycopg.OperationalError as exc:
-        raw.invalidate()
-        raise _unavailable(exc) from exc
-    finally:
-        raw.close()
     return batch.result
 
 
@@ -200,22 +192,12 @@ def stored_new_events(batch_id: str, *, engine: Engine | None = None) -> list[Ra
     For an export whose batch is gone from Redis: the rows are stored, and
     `ingested_batches` (kept 7 days) knows which of them were new.
     """
-    engine = engine or get_sink_engine()
-    try:
-        raw = engine.raw_connection()
-    except Exception as exc:
-        raise _unavailable(exc) from exc
-    try:
-        conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+    with _pooled(engine or get_sink_engine()) as raw:
+        conn: psycopg.Connection[Any] = raw.driver_connection
         with conn.transaction():
             if not conn.execute(_HAS_RECORD, (batch_id,)).fetchone():
                 return None
             rows = conn.execute(_NEW_EVENTS, (batch_id,)).fetchall()
-    except psycopg.OperationalError as exc:
-        raw.invalidate()
-        raise _unavailable(exc) from exc
-    finally:
-        raw.close()
     events = []
     for event_id, occurred_at, source_id, event_type, payload in rows:
         events.append(RawEventDTO.model_construct(
@@ -223,6 +205,23 @@ def stored_new_events(batch_id: str, *, engine: Engine | None = None) -> list[Ra
             source_id=source_id, event_type=event_type, payload=payload,
         ))  # fmt: skip
     return events
+
+
+@contextlib.contextmanager
+def _pooled(engine: Engine) -> Iterator[Any]:
+    """A pooled connection (`driver_connection` is psycopg's). A server that is down, or
+    drops the connection, raises ServiceUnavailable, and the connection is discarded."""
+    try:
+        raw = engine.raw_connection()
+    except Exception as exc:
+        raise _unavailable(exc) from exc
+    try:
+        yield raw
+    except psycopg.OperationalError as exc:
+        raw.invalidate()
+        raise _unavailable(exc) from exc
+    finally:
+        raw.close()
 
 
 @dataclass
