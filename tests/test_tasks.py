@@ -273,6 +273,24 @@ def test_a_parked_export_whose_batch_expired_is_reported_lost(db, redis_client, 
     assert "2 rows are in PostgreSQL but not in CSV" in caplog.text
 
 
+def test_an_export_that_cannot_be_parked_says_which_rows_are_missing(monkeypatch, caplog):
+    import os
+
+    import redis
+
+    from tests.conftest import _free_port
+
+    nothing_listens = redis.Redis(port=_free_port(), socket_connect_timeout=1)
+    monkeypatch.setitem(pipeline._redis_clients, os.getpid(), nothing_listens)
+    batch = {"batch_id": "b-unparked", "batch": None, "subreddit": "stocks", "new": [0, 1]}
+
+    export_csv.on_failure(OSError("disk full"), "task-id", (batch,), {}, None)
+
+    assert "could not be parked" in caplog.text
+    assert "b-unparked" in caplog.text
+    assert "2 new rows are in PostgreSQL but not in CSV" in caplog.text
+
+
 def test_beat_retries_parked_exports_every_ten_minutes(settings):
     from sentiment.schedule import build_beat_schedule
 
