@@ -168,7 +168,6 @@ def _export(batch: dict[str, Any]) -> dict[str, Any]:
                     "PostgreSQL", batch["subreddit"], batch["batch_id"], len(stored))  # fmt: skip
         new = stored
     exported = csv_sink.export_events(new, csv_dir=_settings.csv_dir, batch_id=batch["batch_id"])
-    pipeline.unpark_export(batch["batch_id"])  # before the blob goes: never "lost" once done
     pipeline.drop_batch(batch["batch"])
     summary = {
         "subreddit": batch["subreddit"],
@@ -211,7 +210,8 @@ def retry_exports() -> dict[str, int]:
                       "batch is gone): its %d rows are in PostgreSQL but not in CSV",
                       name, len(batch["new"]))  # fmt: skip
             counts["lost"] += 1
-        else:
+        else:  # a crash before this is harmless: the next retry finds it in the ledger
+            pipeline.unpark_export(batch["batch_id"])
             log.info("r/%s: a parked CSV export is done", name)
             counts["exported"] += 1
     return counts

@@ -198,13 +198,13 @@ def stored_new_events(batch_id: str, *, engine: Engine | None = None) -> list[Ra
             if not conn.execute(_HAS_RECORD, (batch_id,)).fetchone():
                 return None
             rows = conn.execute(_NEW_EVENTS, (batch_id,)).fetchall()
-    events = []
-    for event_id, occurred_at, source_id, event_type, payload in rows:
-        events.append(RawEventDTO.model_construct(
+    return [
+        RawEventDTO.model_construct(
             id=event_id, occurred_at=occurred_at.astimezone(UTC), source="reddit",
             source_id=source_id, event_type=event_type, payload=payload,
-        ))  # fmt: skip
-    return events
+        )
+        for event_id, occurred_at, source_id, event_type, payload in rows
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager
