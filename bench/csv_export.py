@@ -61,14 +61,7 @@ BASE_METHODS = ("export", "formatting", "io", "export_nosync")
 
 def formatted(events: list[Any], root: Path) -> list[csv_sink._Dir]:
     """Group and format every row as export_events does; the directories to write."""
-    groups, _ = csv_sink._group(events)
-    dirs = []
-    for name in sorted(groups):
-        work = csv_sink._Dir(name, root / "reddit" / name)
-        for day, rows in sorted(groups[name].items()):
-            work.chunks[f"{day.isoformat()}.csv"] = (csv_sink._encode(rows, name), len(rows))
-        dirs.append(work)
-    return dirs
+    return list(csv_sink._formatted(csv_sink._group(events)[0], root))
 
 
 @contextlib.contextmanager

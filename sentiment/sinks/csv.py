@@ -157,10 +157,7 @@ def _export(events: Sequence[RawEventDTO], root: Path, batch_id: str) -> ExportR
     # bounds how far formatting runs ahead, and so the memory held.
     in_flight = threading.BoundedSemaphore(2 * _THREADS)
     with ThreadPoolExecutor(max_workers=max(1, min(_THREADS, len(groups)))) as pool:
-        for name in sorted(groups):
-            work = _Dir(name, root / "reddit" / name)
-            for day, rows in sorted(groups[name].items()):
-                work.chunks[f"{day.isoformat()}.csv"] = (_encode(rows, name), len(rows))
+        for work in _formatted(groups, root):
             in_flight.acquire()
             future = pool.submit(_export_dir, root, work, batch_id)
             future.add_done_callback(lambda _: in_flight.release())
@@ -182,6 +179,15 @@ def _export(events: Sequence[RawEventDTO], root: Path, batch_id: str) -> ExportR
         raise next((e for e in errors if e.retryable), errors[0])
     return ExportResult(counts["written"], counts["skipped"], rejected + counts["refused"],
                         tuple(files))  # fmt: skip
+
+
+def _formatted(groups: dict[str, dict[date, Rows]], root: Path) -> Iterator[_Dir]:
+    """Each subreddit directory's share, formatted, one directory at a time."""
+    for name in sorted(groups):
+        work = _Dir(name, root / "reddit" / name)
+        for day, rows in sorted(groups[name].items()):
+            work.chunks[f"{day.isoformat()}.csv"] = (_encode(rows, name), len(rows))
+        yield work
 
 
 @contextlib.contextmanager
