@@ -24,7 +24,10 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from sentiment.config import valid_subreddit
 
-__all__ = ["EventType", "RawEventDTO", "clean_json", "dump_events", "load_events"]
+__all__ = [
+    "EventType", "RawEventDTO", "canonical_id", "clean_json", "dump_events", "load_events",
+    "to_utc",
+]  # fmt: skip
 
 EventType = Literal["submission", "comment"]
 
@@ -89,7 +92,7 @@ def _trimmed(encoded: bytes) -> bytes:
     return bytes(memoryview(encoded))
 
 
-def _canonical_id(value: Any) -> str:
+def canonical_id(value: Any) -> str:
     """Reddit's base36 id, lower case, without a `t1_`/`t3_` fullname prefix."""
     text = str(value).strip().lower()
     if text[:3] in {"t1_", "t3_"}:
@@ -99,7 +102,8 @@ def _canonical_id(value: Any) -> str:
     return text
 
 
-def _to_utc(value: Any) -> datetime:
+def to_utc(value: Any) -> datetime:
+    """An aware UTC datetime from a datetime (naive means UTC), ISO 8601 text or epoch seconds."""
     if isinstance(value, bool):
         raise ValueError("occurred_at must be a datetime, an ISO string or epoch seconds")
     if isinstance(value, int | float):
@@ -131,12 +135,12 @@ class RawEventDTO(BaseModel):
     @field_validator("id", mode="before")
     @classmethod
     def _check_id(cls, value: Any) -> str:
-        return _canonical_id(value)
+        return canonical_id(value)
 
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _check_occurred_at(cls, value: Any) -> datetime:
-        return _to_utc(value)
+        return to_utc(value)
 
     @field_validator("source_id", mode="before")
     @classmethod
@@ -194,8 +198,8 @@ class RawEventDTO(BaseModel):
         """
         payload, encoded = clean_json(item)
         event = cls.model_construct(
-            id=_canonical_id(item["id"]),
-            occurred_at=_to_utc(item["created_utc"]),
+            id=canonical_id(item["id"]),
+            occurred_at=to_utc(item["created_utc"]),
             source="reddit",
             source_id=subreddit,
             event_type=kind,

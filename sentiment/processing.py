@@ -14,7 +14,8 @@ transaction ends, so the rows go to the next claimer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,8 +24,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from sentiment.db import get_engine
+from sentiment.dto import canonical_id, to_utc
 
 __all__ = ["Claim", "ClaimedEvent", "MarkResult", "claim_unprocessed", "mark_processed"]
+
+log = logging.getLogger(__name__)
 
 _CLAIM = text(
     """
@@ -91,12 +95,14 @@ class MarkResult:
     updated: int
     already_processed: int
     unknown: int
+    invalid: int = 0  # keys that are not an id or an (id, time) pair: logged, skipped
 
     def summary(self) -> dict[str, int]:
         return {
             "updated": self.updated,
             "already_processed": self.already_processed,
             "unknown": self.unknown,
+            "invalid": self.invalid,
         }
 
 
@@ -114,7 +120,7 @@ def claim_unprocessed(limit: int, *, engine: Engine | None = None) -> Iterator[C
 
 
 def mark_processed(
-    keys: Sequence[str | tuple[str, datetime] | Sequence[Any]],
+    keys: Iterable[Any],
     *,
     connection: Connection | None = None,
     engine: Engine | None = None,
@@ -122,9 +128,16 @@ def mark_processed(
     """Set processed = true, processed_at = now() for each key, in one statement.
 
     A key is an `(id, occurred_at)` pair or a bare id (then every row with that
-    id). A row already processed keeps its first `processed_at`.
+    id), read as `RawEventDTO` reads them: a `t1_`/`t3_` fullname or upper case
+    is fine, the time may be a datetime (naive means UTC), ISO 8601 text (what
+    JSON carries) or epoch seconds. A key that is none of these is counted in
+    `invalid` and logged; the others are marked all the same. A row already
+    processed keeps its first `processed_at`.
     """
-    ids, times = _split_keys(keys)
+    ids, times, problems = _split_keys(keys)
+    if problems:
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        log.warning("mark_processed: skipped %d invalid keys: %s", len(problems), shown)
     params = {"ids": ids, "times": times}
     if connection is not None:
         row = connection.execute(_MARK, params).one()
@@ -132,19 +145,29 @@ def mark_processed(
         with (engine or get_engine()).begin() as conn:
             row = conn.execute(_MARK, params).one()
     updated, known, total = row
-    return MarkResult(updated=updated, already_processed=known - updated, unknown=total - known)
+    return MarkResult(updated=updated, already_processed=known - updated,
+                      unknown=total - known, invalid=len(problems))  # fmt: skip
 
 
-def _split_keys(
-    keys: Sequence[str | tuple[str, datetime] | Sequence[Any]],
-) -> tuple[list[str], list[datetime | str | None]]:
+def _split_keys(keys: Iterable[Any]) -> tuple[list[str], list[datetime | None], list[str]]:
+    """The ids and times of the valid keys, and what is wrong with each other key."""
     ids: list[str] = []
-    times: list[datetime | str | None] = []
+    times: list[datetime | None] = []
+    problems: list[str] = []
     for key in keys:
-        if isinstance(key, str):
-            ids.append(key)
-            times.append(None)
-        else:
-            ids.append(str(key[0]))
-            times.append(key[1])
-    return ids, times
+        try:
+            key_id, when = _parse_key(key)
+        except (ValueError, OverflowError, OSError) as exc:
+            problems.append(f"{key!r}: {exc}")
+            continue
+        ids.append(key_id)
+        times.append(when)
+    return ids, times, problems
+
+
+def _parse_key(key: Any) -> tuple[str, datetime | None]:
+    if isinstance(key, str):
+        return canonical_id(key), None
+    if isinstance(key, list | tuple) and len(key) == 2 and isinstance(key[0], str):
+        return canonical_id(key[0]), to_utc(key[1])
+    raise ValueError("a key is an id or an [id, occurred_at] pair")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 from typing import Any
 
 import redis.exceptions
@@ -219,9 +218,8 @@ def retry_exports() -> dict[str, int]:
 
 @app.task(bind=True, name="sentiment.tasks.mark_processed", **_RETRY)
 def mark_processed(self: Task, keys: list[Any]) -> dict[str, int]:
-    """Mark rows processed: keys are [id, ISO time] pairs or bare ids."""
-    parsed = [k if isinstance(k, str) else (k[0], datetime.fromisoformat(k[1])) for k in keys]
-    return processing.mark_processed(parsed).summary()
+    """Mark rows processed: keys are [id, ISO time] pairs or bare ids; bad ones are counted."""
+    return processing.mark_processed(keys).summary()
 
 
 @app.task(bind=True, name="sentiment.tasks.keep_partitions", **_RETRY)

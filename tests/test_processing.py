@@ -77,8 +77,8 @@ def test_mark_processed_counts_and_keeps_the_first_time(db):
         [events[0].key, events[1].id, events[3].id, ("nope1", datetime.now(UTC)), "nope2"]
     )
 
-    assert first.summary() == {"updated": 3, "already_processed": 0, "unknown": 0}
-    assert second.summary() == {"updated": 1, "already_processed": 2, "unknown": 2}
+    assert first.summary() == {"updated": 3, "already_processed": 0, "unknown": 0, "invalid": 0}
+    assert second.summary() == {"updated": 1, "already_processed": 2, "unknown": 2, "invalid": 0}
     with db.connect() as conn:
         after = dict(
             conn.execute(text("SELECT id, processed_at FROM raw_events WHERE processed")).all()
@@ -89,4 +89,50 @@ def test_mark_processed_counts_and_keeps_the_first_time(db):
 
 
 def test_mark_processed_with_no_keys(db):
-    assert mark_processed([]).summary() == {"updated": 0, "already_processed": 0, "unknown": 0}
+    assert mark_processed([]).summary() == {
+        "updated": 0,
+        "already_processed": 0,
+        "unknown": 0,
+        "invalid": 0,
+    }
+
+
+def test_keys_are_read_as_the_dto_reads_them(db):
+    events = _events(4)
+    insert_batch(events)
+    naive = events[2].occurred_at.astimezone(UTC).replace(tzinfo=None)
+
+    result = mark_processed(
+        [
+            (events[0].id, events[0].occurred_at.isoformat()),  # ISO text, as JSON carries it
+            (events[1].id.upper(), events[1].occurred_at.timestamp()),  # epoch seconds
+            (f"t1_{events[2].id}", naive),  # a fullname, and a naive time taken as UTC
+            f"t3_{events[3].id}",
+        ]
+    )
+
+    assert result.summary() == {"updated": 4, "already_processed": 0, "unknown": 0, "invalid": 0}
+
+
+def test_a_bad_key_is_counted_and_logged_and_the_rest_are_marked(db, caplog):
+    events = _events(2)
+    insert_batch(events)
+    bad = [
+        (events[1].id, "yesterday"),  # not a time
+        ("not an id!", events[1].occurred_at),
+        (events[1].id,),  # not a pair
+        (events[1].id, events[1].occurred_at, "extra"),
+        42,
+        None,
+        (7, events[1].occurred_at),  # an id must be text
+        (events[1].id, float("nan")),
+    ]
+
+    with caplog.at_level("WARNING", logger="sentiment.processing"):
+        result = mark_processed([events[0].key, *bad])
+
+    assert result.summary() == {"updated": 1, "already_processed": 0, "unknown": 0, "invalid": 8}
+    assert "8 invalid keys" in caplog.text and "'yesterday'" in caplog.text
+    with db.connect() as conn:
+        done = conn.execute(text("SELECT id FROM raw_events WHERE processed")).scalars().all()
+    assert done == [events[0].id]

@@ -115,11 +115,13 @@ def test_mark_processed_through_the_task(worker, db):
 
     store(events)
     keys = [[e.id, e.occurred_at.isoformat()] for e in events[:3]] + ["missing1"]
+    bad = [[events[3].id, "not a time"], 42]  # refused one by one, never the call
 
-    assert mark_processed.delay(keys).get(timeout=30) == {
+    assert mark_processed.delay(keys + bad).get(timeout=30) == {
         "updated": 3,
         "already_processed": 0,
         "unknown": 1,
+        "invalid": 2,
     }
 
 
