@@ -36,7 +36,7 @@ _INTERVAL_RE = re.compile(r"^\d+\s*(second|minute|hour|day|week)s?$")
 
 def valid_subreddit(name: str) -> str:
     """Return the canonical (lower-case) subreddit name, or raise ValueError."""
-    cleaned = name.strip().removeprefix("r/").removeprefix("/r/")
+    cleaned = name.strip().removeprefix("r/").removeprefix("/r/") if isinstance(name, str) else ""
     if not _SUBREDDIT_RE.fullmatch(cleaned):
         raise ValueError(
             f"{name!r} is not a valid subreddit name: use 2-21 letters, digits or underscores, "

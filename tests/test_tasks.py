@@ -97,6 +97,13 @@ def test_an_overlapping_scrape_is_refused(worker, simulator):
     assert scrape.delay(name).get(timeout=60)["inserted"] == 3
 
 
+@pytest.mark.parametrize("bad", ["../etc", "a", 123, None])
+def test_a_bad_subreddit_name_fails_at_once_with_the_rule(worker, bad):
+    with pytest.raises(Exception, match="is not a valid subreddit name") as caught:
+        scrape.delay(bad).get(timeout=30)
+    assert type(caught.value).__name__ == "InvalidSubreddit"
+
+
 def test_a_private_subreddit_fails_clearly_and_is_backed_off(worker, simulator):
     name = _unique_subreddit("private")
     simulator.add_subreddit(name, kind="private", submissions=3)
