@@ -6,7 +6,9 @@ import gc
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
+
+from sentiment.errors import ConfigError
 
 __all__ = ["app"]
 
@@ -23,3 +25,20 @@ def _freeze_start_up_objects(**_: Any) -> None:
     triggers, traverses them all again (CPython's documented use of gc.freeze).
     """
     gc.freeze()
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _check_csv_dir(sender: Any, **_: Any) -> None:
+    """A worker that takes exports stops at start-up if it cannot write to CSV_DIR.
+
+    Celery logs and ignores what a signal handler raises, except SystemExit.
+    """
+    if "export" not in sender.app.amqp.queues.consume_from:
+        return
+    from sentiment.config import get_settings
+    from sentiment.sinks.csv import check_csv_dir
+
+    try:
+        check_csv_dir(get_settings().csv_dir)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None

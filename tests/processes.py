@@ -61,7 +61,12 @@ class CeleryProcess:
 class CeleryWorker(CeleryProcess):
     """`celery -A sentiment worker`, ready once it answers a ping."""
 
-    def __init__(self, concurrency: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        queues: str = "scrape,ingest,export",
+    ) -> None:
         self.hostname = f"test-{uuid.uuid4().hex[:6]}@localhost"
         super().__init__(
             self.hostname.split("@")[0],
@@ -72,7 +77,7 @@ class CeleryWorker(CeleryProcess):
                 "--concurrency",
                 str(concurrency),
                 "-Q",
-                "scrape,ingest,export",
+                queues,
                 "--hostname",
                 self.hostname,
                 "--without-mingle",

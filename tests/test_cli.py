@@ -30,6 +30,16 @@ def _sentiment(
     )
 
 
+def test_run_refuses_a_csv_dir_it_cannot_write_before_starting_anything(tmp_path):
+    blocked = tmp_path / "csv"
+    blocked.write_text("a file where the CSV folder should be")
+
+    result = _sentiment("run", "--duration", "5", env={"CSV_DIR": str(blocked)}, timeout=60)
+
+    assert result.returncode == 1
+    assert f"CSV_DIR={blocked}: cannot write CSV files there" in " ".join(result.stdout.split())
+
+
 @pytest.mark.slow
 def test_run_brings_up_the_whole_pipeline_and_stops_cleanly(settings, db, redis_client, csv_dir):
     env = {

@@ -209,14 +209,30 @@ def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(
     assert sorted(_csv_ids(csv_dir)) == sorted(stored)
 
 
+def test_a_worker_that_cannot_write_to_csv_dir_stops_at_start_up_saying_so(
+    worker_factory, tmp_path
+):
+    blocked = tmp_path / "csv"
+    blocked.write_text("a file where the CSV folder should be")
+
+    with pytest.raises(RuntimeError, match="worker exited at start-up") as caught:
+        worker_factory(env={"CSV_DIR": str(blocked)})
+    assert f"CSV_DIR={blocked}: cannot write CSV files there" in str(caught.value)
+
+    # A worker that never exports (no export queue) does not need the folder.
+    worker_factory(env={"CSV_DIR": str(blocked)}, queues="scrape,ingest")
+
+
 def test_an_export_that_fails_for_good_is_parked_and_retried_once_the_disk_is_back(
     worker_factory, simulator, db, redis_client, tmp_path
 ):
     from sentiment.tasks import retry_exports
 
     blocked = tmp_path / "csv"
-    blocked.write_text("a file where the CSV folder should be")  # every export fails
+    blocked.mkdir()
     worker_factory(env={"CSV_DIR": str(blocked), "TASK_MAX_RETRIES": "0"})
+    blocked.rmdir()  # the disk goes bad after start-up: every export fails
+    blocked.write_text("a file where the CSV folder should be")
     name = _unique_subreddit("parked")
     simulator.add_subreddit(name, submissions=30, comments=70)
 

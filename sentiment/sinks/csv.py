@@ -68,6 +68,7 @@ import gc
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -81,9 +82,18 @@ import orjson
 
 from sentiment.config import valid_subreddit
 from sentiment.dto import RawEventDTO
-from sentiment.errors import CsvLedgerCorrupt, InvalidSubreddit, SentimentError, ServiceUnavailable
+from sentiment.errors import (
+    ConfigError,
+    CsvLedgerCorrupt,
+    InvalidSubreddit,
+    SentimentError,
+    ServiceUnavailable,
+)
 
-__all__ = ["COLUMNS", "KEEP_BATCHES_S", "CsvLedgerCorrupt", "ExportResult", "export_events"]
+__all__ = [
+    "COLUMNS", "KEEP_BATCHES_S", "CsvLedgerCorrupt", "ExportResult", "check_csv_dir",
+    "export_events",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +142,27 @@ class _Dir:
     def release(self) -> None:
         """Drop the formatted bytes once written; the counts stay for the result."""
         self.chunks = {file: (b"", count) for file, (_, count) in self.chunks.items()}
+
+
+def check_csv_dir(csv_dir: Path) -> Path:
+    """Make `csv_dir` if needed and prove a file can be created in it; its resolved path.
+
+    Run at start-up by every process that exports, so that a wrong CSV_DIR stops
+    it at once with a ConfigError saying what to fix, instead of every export
+    failing later. (A disk that fails after start-up is an export's retry.)
+    """
+    try:
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=csv_dir):
+            pass
+    except FileExistsError:
+        reason = "it is a file, not a folder"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    else:
+        return csv_dir.resolve()
+    raise ConfigError(f"CSV_DIR={csv_dir}: cannot write CSV files there ({reason}); "
+                      "set CSV_DIR to a folder this user can create and write")  # fmt: skip
 
 
 def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str) -> ExportResult:

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sentiment.dto import RawEventDTO, dump_events
-from sentiment.errors import ServiceUnavailable
+from sentiment.errors import ConfigError, ServiceUnavailable
 from sentiment.reddit.ids import to_base36 as base36
-from sentiment.sinks.csv import COLUMNS, LEDGER, CsvLedgerCorrupt, export_events
+from sentiment.sinks.csv import COLUMNS, LEDGER, CsvLedgerCorrupt, check_csv_dir, export_events
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -486,3 +486,34 @@ def test_any_text_round_trips(title, body, author):
     assert row["body"] == neutral(cleaned["selftext"])
     assert row["author"] == neutral(cleaned["author"])
     assert orjson.loads(row["payload"]) == cleaned
+
+
+# -- CSV_DIR checked at start-up ------------------------------------------------
+
+
+def test_check_csv_dir_makes_the_folder_and_leaves_nothing_in_it(tmp_path):
+    target = tmp_path / "new" / "csv"
+
+    assert check_csv_dir(target) == target.resolve()
+
+    assert target.is_dir()
+    assert list(target.iterdir()) == []
+
+
+def test_check_csv_dir_names_the_setting_and_the_reason(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the CSV folder should be")
+
+    for bad, reason in ((taken, "it is a file, not a folder"), (taken / "csv", "Not a directory")):
+        with pytest.raises(ConfigError, match=f"CSV_DIR={bad}: cannot write CSV files there "
+                           rf"\({reason}\); set CSV_DIR to a folder"):  # fmt: skip
+            check_csv_dir(bad)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_csv_dir_refuses_a_folder_it_cannot_write(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+
+    with pytest.raises(ConfigError, match=f"CSV_DIR={locked}: .*Permission denied"):
+        check_csv_dir(locked)
