@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -99,6 +99,10 @@ def scrape(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the result")] = 300,
 ) -> None:
     """Enqueue one scrape of SUBREDDIT, wait for its chain, print the summary."""
+    import celery.exceptions
+    import redis
+
+    from sentiment.celery_app import app as celery_app
     from sentiment.config import valid_subreddit
     from sentiment.tasks import scrape as scrape_task
 
@@ -107,13 +111,38 @@ def scrape(
     except ValueError as exc:
         _fail(str(exc))
         return
+    settings = get_settings()
+    try:  # Celery would retry for a while, then raise a traceback
+        with redis.Redis.from_url(settings.redis_connection_url(), socket_connect_timeout=3,
+                                  socket_timeout=3) as client:  # fmt: skip
+            client.ping()
+    except redis.RedisError as exc:
+        _fail(f"Redis ({settings.safe_summary()['redis']}) is not reachable: {exc} Start "
+              "the pipeline with `make run` (or `sentiment run`), or set REDIS_URL to a "
+              "running Redis.")  # fmt: skip
     result = scrape_task.delay(name)
     console.print(f"enqueued scrape of r/{name} (task {result.id}); waiting for a worker…")
+    if not _workers_taking("scrape", celery_app):
+        console.print("[yellow]warning:[/yellow] no running worker takes the scrape queue; "
+                      "the scrape waits there until one starts")  # fmt: skip
     try:
         summary = result.get(timeout=timeout)
+    except celery.exceptions.TimeoutError:
+        # Stop listening now: left for the interpreter's exit, Celery prints a traceback.
+        result.backend.remove_pending_result(result)
+        _fail(f"no result after {timeout:g}s; the scrape is still queued or running (task "
+              f"{result.id}). Is a worker running? Start one with `celery -A sentiment "
+              "worker` (or `sentiment run`); `sentiment status` shows the queues.")  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - show the task's own error, whatever it is
         _fail(f"{type(exc).__name__}: {exc}")
     console.print_json(json.dumps(summary))
+
+
+def _workers_taking(queue: str, celery_app: Any) -> list[str]:
+    """The workers that answer within a second and consume `queue`."""
+    replies = celery_app.control.inspect(timeout=1.0).active_queues() or {}
+    return [worker for worker, queues in replies.items()
+            if any(q.get("name") == queue for q in queues or ())]  # fmt: skip
 
 
 @app.command()

@@ -195,6 +195,45 @@ def test_scrape_refuses_an_invalid_name_before_enqueuing(settings):
     assert "not a valid subreddit name" in result.stdout
 
 
+@pytest.mark.slow
+def test_scrape_enqueues_waits_and_prints_the_summary(worker, simulator):
+    simulator.add_subreddit("clisummary", submissions=4, comments=6)
+
+    result = _sentiment("scrape", "r/CliSummary", timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no running worker" not in result.stdout
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["subreddit"] == "clisummary"
+    assert summary["fetched"] == summary["inserted"] == summary["exported"] == 10
+
+
+def test_scrape_says_redis_is_unreachable_without_a_traceback(settings):
+    nothing = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+
+    result = _sentiment("scrape", "stocks", env={"REDIS_URL": nothing}, timeout=60)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert "Redis" in shown and "is not reachable" in shown and "REDIS_URL" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_scrape_with_no_worker_says_so_and_what_to_start(settings, redis_client):
+    from sentiment.celery_app import app
+
+    try:
+        result = _sentiment("scrape", "noworker_here", "--timeout", "2", timeout=60)
+    finally:
+        app.control.purge()  # the scrape stays queued: no later worker should run it
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert "no running worker takes the scrape queue" in shown
+    assert "no result after 2s" in shown and "celery -A sentiment worker" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_reddit_check_reports_each_subreddit(settings, simulator):
     simulator.add_subreddit("checkme_ok", submissions=1, subscribers=1234)
     simulator.add_subreddit("checkme_priv", kind="private")
