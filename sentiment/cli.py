@@ -83,14 +83,18 @@ def run(
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Queue lengths, last scrape and rows per subreddit, backlog, and health."""
-    from sentiment.status import collect_status, render_status
+    """Queue lengths, last scrape and rows per subreddit, backlog, and health.
+
+    Exits with 1 when PostgreSQL or Redis does not answer."""
+    from sentiment.status import collect_status, healthy, render_status
 
     report = collect_status(get_settings())
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     else:
         render_status(report, console)
+    if not healthy(report):
+        raise typer.Exit(1)
 
 
 @app.command()

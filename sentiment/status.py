@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 import redis
+import sqlalchemy.exc
 from rich.console import Console, Group
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
@@ -16,7 +17,7 @@ from sentiment.config import Settings
 from sentiment.pipeline import PARKED_EXPORTS_KEY
 from sentiment.reddit.ratelimit import limiter_key
 
-__all__ = ["collect_status", "render_status", "status_table"]
+__all__ = ["collect_status", "healthy", "render_status", "status_table"]
 
 QUEUES = ("scrape", "ingest", "export")
 
@@ -31,10 +32,24 @@ _ROWS = text(
 def collect_status(settings: Settings, subreddits: list[str] | None = None) -> dict[str, Any]:
     """A snapshot of the pipeline; each part says "error" rather than fail the whole."""
     names = subreddits or [s.name for s in settings.subreddits]
-    report: dict[str, Any] = {"settings": settings.safe_summary(), "health": {}, "subreddits": {}}
+    report: dict[str, Any] = {
+        "settings": settings.safe_summary(), "health": {}, "problems": [], "subreddits": {}
+    }  # fmt: skip
     _collect_database(settings, names, report)
     _collect_redis(settings, names, report)
     return report
+
+
+def _down(report: dict[str, Any], key: str, what: str, *, hint: str,
+          exc: Exception) -> None:  # fmt: skip
+    """Record a server as down: a short reason in `health`, a sentence in `problems`."""
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    report["health"][key] = f"error: {reason}"
+    report["problems"].append(f"{what}: {reason}{hint}")
+
+
+_START_EMBEDDED = " (the embedded servers start with `sentiment services start` or `make run`)"
 
 
 @lru_cache(maxsize=4)
@@ -60,7 +75,15 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
             report["rejected"] = conn.execute(text("SELECT count(*) FROM rejected_events")).scalar()
         report["health"]["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
-        report["health"]["postgres"] = f"error: {type(exc).__name__}"
+        embedded = settings.pg_host is None
+        where = f"127.0.0.1:{settings.embedded_pg_port}" if embedded else (
+            f"{settings.pg_host}:{settings.pg_port}")  # fmt: skip
+        if isinstance(exc, sqlalchemy.exc.ProgrammingError):  # it answers; a table is missing
+            what, hint = f"PostgreSQL ({where}) is not migrated", " (run `sentiment migrate`)"
+        else:
+            what = f"PostgreSQL ({where}) is not reachable"
+            hint = _START_EMBEDDED if embedded else ""
+        _down(report, "postgres", what, hint=hint, exc=exc)
     for name in names:
         report["subreddits"].setdefault(name, {})
 
@@ -96,7 +119,9 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
                 entry["failing"] = _text(failing)
         report["health"]["redis"] = "ok"
     except redis.RedisError as exc:
-        report["health"]["redis"] = f"error: {type(exc).__name__}"
+        where = client.connection_pool.connection_kwargs
+        _down(report, "redis", f"Redis ({where.get('host')}:{where.get('port')}) is not reachable",
+              hint=_START_EMBEDDED if settings.uses_embedded_redis else "", exc=exc)  # fmt: skip
     finally:
         client.close()
 
@@ -131,9 +156,11 @@ def status_table(report: dict[str, Any]) -> Group:
     )
     queues = report.get("queues", {})
     limit = report.get("rate_limit")
+    health = {server: "ok" if state == "ok" else "down"
+              for server, state in report["health"].items()}  # fmt: skip
     overview.add_row(
-        report["health"].get("postgres", "?"),
-        report["health"].get("redis", "?"),
+        health.get("postgres", "?"),
+        health.get("redis", "?"),
         "/".join(str(queues.get(q, "?")) for q in QUEUES),
         _backlog(report),
         str(report.get("rejected", "?")),
@@ -156,3 +183,10 @@ def _backlog(report: dict[str, Any]) -> str:
 
 def render_status(report: dict[str, Any], console: Console) -> None:
     console.print(status_table(report))
+    for problem in report.get("problems", []):
+        console.print(f"[red]error:[/red] {problem}", highlight=False)
+
+
+def healthy(report: dict[str, Any]) -> bool:
+    """True when PostgreSQL and Redis both answered."""
+    return all(state == "ok" for state in report["health"].values())

@@ -106,6 +106,36 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
 
 
+def test_status_says_which_server_is_down_and_exits_non_zero(settings):
+    down = {  # nothing listens on either port
+        "PG_HOST": "127.0.0.1",
+        "PG_PORT": str(_free_port()),
+        "REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+    }
+
+    report = _sentiment("status", "--json", env=down, timeout=60)
+    table = _sentiment("status", env={**down, "COLUMNS": "200"}, timeout=60)
+
+    assert report.returncode == table.returncode == 1
+    health = json.loads(report.stdout)["health"]
+    assert health["postgres"].startswith("error: ") and "refused" in health["postgres"]
+    assert health["redis"].startswith("error: ") and "refused" in health["redis"]
+    shown = " ".join(table.stdout.split())
+    assert f"PostgreSQL ({down['PG_HOST']}:{down['PG_PORT']}) is not reachable" in shown
+    assert "Redis (127.0.0.1:" in shown and "Traceback" not in table.stdout + table.stderr
+
+
+def test_status_on_a_database_never_migrated_says_to_migrate(settings, scratch_engine):
+    env = {"PG_DB": scratch_engine.url.database, "COLUMNS": "200"}
+
+    result = _sentiment("status", env=env, timeout=60)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert "is not migrated" in shown and "raw_events" in shown
+    assert "run `sentiment migrate`" in shown
+
+
 def test_exports_lists_parked_exports_and_retries_them(settings, db, redis_client, csv_dir):
     import time
 
