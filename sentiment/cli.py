@@ -159,19 +159,13 @@ def retention(
     ] = False,
 ) -> None:
     """Drop processed days older than RETENTION_DAYS now, as the hourly task does."""
-    import sqlalchemy.exc
-
     from sentiment.retention import apply_retention
 
     days = days or get_settings().retention_days
     if days is None:
         _fail("retention is off: set RETENTION_DAYS, or give --days N")
         return
-    try:
-        result = apply_retention(days, dry_run=dry_run)
-    except sqlalchemy.exc.OperationalError as exc:
-        _fail(f"PostgreSQL is unavailable: {exc.orig}")
-        return
+    result = apply_retention(days, dry_run=dry_run)  # an unreachable server: see main()
     summary = {"dry_run": dry_run, **result.summary(), "dropped_names": list(result.dropped)}
     console.print_json(json.dumps(summary))
 
@@ -182,29 +176,23 @@ def exports(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """CSV exports parked after failing for good; beat retries them every 10 minutes."""
-    import redis
-
     from sentiment import pipeline
 
-    try:
-        if retry:
-            from sentiment.tasks import retry_exports
+    if retry:
+        from sentiment.tasks import retry_exports
 
-            console.print("retrying the parked CSV exports…")
-            print(json.dumps(retry_exports()))
-            return
-        listing = [
-            {
-                "subreddit": batch["subreddit"],
-                "rows": len(batch["new"]),
-                "batch_id": batch["batch_id"],
-                "retry_until": batch.get("started_at", 0) + pipeline.BATCH_TTL_S,
-            }
-            for batch in pipeline.parked_exports()
-        ]
-    except redis.RedisError as exc:
-        _fail(f"Redis is unavailable: {exc}")
+        console.print("retrying the parked CSV exports…")
+        print(json.dumps(retry_exports()))
         return
+    listing = [
+        {
+            "subreddit": batch["subreddit"],
+            "rows": len(batch["new"]),
+            "batch_id": batch["batch_id"],
+            "retry_until": batch.get("started_at", 0) + pipeline.BATCH_TTL_S,
+        }
+        for batch in pipeline.parked_exports()
+    ]
     if as_json:
         print(json.dumps(listing))
         return
@@ -350,11 +338,29 @@ def reddit_check() -> None:
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    import redis.exceptions
+    import sqlalchemy.exc
+
     try:
         app()
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(1)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        console.print(f"[red]error:[/red] PostgreSQL ({get_settings().postgres_address}): "
+                      f"{_first_line(exc.orig or exc)}. Check PG_HOST, PG_PORT, PG_USER, "
+                      "PG_PASSWORD and PG_DB (no PG_HOST: the embedded server).",
+                      highlight=False)  # fmt: skip
+        sys.exit(1)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = get_settings().safe_summary()["redis"]
+        console.print(f"[red]error:[/red] Redis ({where}): {_first_line(exc)}. Check "
+                      "REDIS_URL (unset: the embedded server).", highlight=False)  # fmt: skip
+        sys.exit(1)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
 if __name__ == "__main__":  # pragma: no cover

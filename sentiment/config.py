@@ -217,20 +217,22 @@ class Settings(BaseSettings):
     def has_reddit_credentials(self) -> bool:
         return bool(self.reddit_client_id and self.reddit_client_secret)
 
+    @property
+    def postgres_address(self) -> str:
+        """host:port of PostgreSQL (the embedded server's when PG_HOST is unset)."""
+        if self.pg_host is None:
+            return f"127.0.0.1:{self.embedded_pg_port}"
+        return f"{self.pg_host}:{self.pg_port}"
+
     def database_url(self, driver: str = "psycopg2") -> str:
         """SQLAlchemy URL. Contains the password: never log it."""
-        host, port = (
-            ("127.0.0.1", self.embedded_pg_port)
-            if self.pg_host is None
-            else (self.pg_host, self.pg_port)
-        )
         password = quote(self.pg_password.get_secret_value(), safe="")
         auth = (
             f"{quote(self.pg_user, safe='')}:{password}"
             if password
             else quote(self.pg_user, safe="")
         )
-        return f"postgresql+{driver}://{auth}@{host}:{port}/{self.pg_db}"
+        return f"postgresql+{driver}://{auth}@{self.postgres_address}/{self.pg_db}"
 
     def redis_connection_url(self) -> str:
         """Broker URL. Contains the password: never log it."""

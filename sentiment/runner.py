@@ -137,7 +137,9 @@ class Runner:
 
     def _migrate(self, env: dict[str, str]) -> None:
         self.console.print("migrating the database…")
-        subprocess.run([sys.executable, "-m", "sentiment.cli", "migrate"], env=env, check=True)
+        migrate = [sys.executable, "-m", "sentiment.cli", "migrate"]
+        if subprocess.run(migrate, env=env, check=False).returncode:
+            raise RuntimeError("the database could not be migrated (the reason is above)")
 
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str], *, sentiment_cli: bool = False

@@ -75,9 +75,7 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
             report["rejected"] = conn.execute(text("SELECT count(*) FROM rejected_events")).scalar()
         report["health"]["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
-        embedded = settings.pg_host is None
-        where = f"127.0.0.1:{settings.embedded_pg_port}" if embedded else (
-            f"{settings.pg_host}:{settings.pg_port}")  # fmt: skip
+        embedded, where = settings.pg_host is None, settings.postgres_address
         if isinstance(exc, sqlalchemy.exc.ProgrammingError):  # it answers; a table is missing
             what, hint = f"PostgreSQL ({where}) is not migrated", " (run `sentiment migrate`)"
         else:

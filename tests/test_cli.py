@@ -136,6 +136,32 @@ def test_status_on_a_database_never_migrated_says_to_migrate(settings, scratch_e
     assert "run `sentiment migrate`" in shown
 
 
+@pytest.mark.parametrize(
+    "command", [("migrate",), ("run", "--duration", "5"), ("retention", "--days", "3")]
+)
+def test_an_unreachable_database_is_one_clear_line_not_a_traceback(settings, command):
+    port = _free_port()  # nothing listens there
+
+    result = _sentiment(*command, env={"PG_HOST": "127.0.0.1", "PG_PORT": str(port)}, timeout=90)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: PostgreSQL (127.0.0.1:{port}): connection to server" in shown
+    assert "Connection refused" in shown and "PG_HOST" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_an_unreachable_redis_is_one_clear_line_not_a_traceback(settings):
+    port = _free_port()
+
+    result = _sentiment("exports", env={"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: Redis (127.0.0.1:{port}): Error 111 connecting" in shown
+    assert "REDIS_URL" in shown and "Traceback" not in result.stdout + result.stderr
+
+
 def test_exports_lists_parked_exports_and_retries_them(settings, db, redis_client, csv_dir):
     import time
 
