@@ -11,11 +11,15 @@ command started.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +29,36 @@ from rich.live import Live
 from sentiment.config import Settings
 from sentiment.embedded import ensure_services, stop_services
 
-__all__ = ["DEMO_SUBREDDITS", "Runner"]
+__all__ = ["DEMO_SUBREDDITS", "Runner", "only_run"]
 
 DEMO_SUBREDDITS = "wallstreetbets:30,stocks:30,investing:60,cryptocurrency:30,personalfinance:60"
 _SIMULATOR_SECRET = "simulator-secret"  # noqa: S105 - the local simulator's, not Reddit's
+
+
+@contextlib.contextmanager
+def only_run(data_dir: Path) -> Iterator[None]:
+    """Hold DATA_DIR for one `sentiment run`: a second would share its servers, ports and logs.
+
+    An flock on `<data_dir>/run.pid`, which holds the owner's pid; the kernel
+    releases it when the owner dies, so a crashed run never blocks the next."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "run.pid").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            raise RuntimeError(
+                f"another `sentiment run` (pid {owner}) is using {data_dir}; stop it "
+                "(Ctrl-C), or give this one a DATA_DIR of its own"
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
 
 
 @dataclass
@@ -52,6 +82,26 @@ class Runner:
         return self.settings.data_dir.resolve() / "logs"
 
     def run(self, duration: float | None = None) -> None:
+        with only_run(self.settings.data_dir):
+            self._check_ports()
+            self._run(duration)
+
+    def _check_ports(self) -> None:
+        """Ports we would listen on must be free: fail now rather than with a child's traceback."""
+        wanted = [(self.flower_port, "Flower", "--flower-port")]
+        if not self.settings.has_reddit_credentials:
+            wanted.append((self.simulator_port, "the Reddit simulator", "--simulator-port"))
+        for port, what, option in wanted:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise RuntimeError(
+                        f"port {port} ({what}) is in use; choose another with {option}"
+                    ) from None
+
+    def _run(self, duration: float | None) -> None:
         started = ensure_services(self.settings)
         env = self._child_environment()
         try:

@@ -40,6 +40,32 @@ def test_run_refuses_a_csv_dir_it_cannot_write_before_starting_anything(tmp_path
     assert f"CSV_DIR={blocked}: cannot write CSV files there" in " ".join(result.stdout.split())
 
 
+def test_a_second_run_on_the_same_data_dir_is_refused_at_once(settings):
+    from sentiment.runner import only_run
+
+    with only_run(settings.data_dir):  # this test is "the first run"
+        result = _sentiment("run", "--duration", "5", timeout=60)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"another `sentiment run` (pid {os.getpid()}) is using {settings.data_dir}" in shown
+
+
+def test_run_refuses_a_port_that_is_taken_before_starting_anything(settings):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _sentiment("run", "--duration", "5", "--flower-port", str(port), timeout=60)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"port {port} (Flower) is in use; choose another with --flower-port" in shown
+    assert "migrating" not in shown
+
+
 @pytest.mark.slow
 def test_run_brings_up_the_whole_pipeline_and_stops_cleanly(settings, db, redis_client, csv_dir):
     env = {
