@@ -78,6 +78,9 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
                 f"another celery beat ({holder}) is already running for this broker; "
                 "run exactly one beat (stop the other, or wait a minute if it crashed)"
             )
+        if not get_settings().subreddits:
+            log.warning("SUBREDDITS is empty: this beat schedules no scrapes, only maintenance; "
+                        "set SUBREDDITS, e.g. SUBREDDITS=wallstreetbets:60,stocks")  # fmt: skip
         super().setup_schedule()
 
     def tick(self, *args: Any, **kwargs: Any) -> float:

@@ -380,6 +380,20 @@ def test_beat_scrapes_each_subreddit_on_its_schedule(worker, simulator, db, csv_
     assert sorted(_csv_ids(csv_dir)) == sorted(_stored_ids(db))
 
 
+def test_beat_with_no_subreddits_says_what_to_set(redis_client, tmp_path):
+    from tests.processes import CeleryProcess
+
+    beat = CeleryProcess("beat-empty", ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "s")],
+                         {"SUBREDDITS": ""})  # fmt: skip
+    beat.start()
+    try:
+        _wait_until(lambda: "SUBREDDITS is empty" in beat.output(), 30, "the warning")
+        assert "set SUBREDDITS, e.g. SUBREDDITS=wallstreetbets:60,stocks" in beat.output()
+        assert beat.alive()  # the maintenance entries still run
+    finally:
+        beat.stop()
+
+
 def test_flower_serves_the_broker_behind_basic_auth(worker, settings):
     import base64
     import urllib.error
