@@ -66,10 +66,8 @@ def run(
 ) -> None:
     """Run the whole pipeline, with a live view; Ctrl-C stops everything cleanly."""
     from sentiment.runner import Runner
-    from sentiment.sinks.csv import check_csv_dir
 
     try:
-        check_csv_dir(get_settings().csv_dir)  # before anything starts
         Runner(
             get_settings(),
             concurrency=concurrency,

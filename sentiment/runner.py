@@ -7,6 +7,9 @@ child processes, logging to `<DATA_DIR>/logs/`. Ctrl-C (or --duration) stops
 them in order: beat first (no new work), then the worker (warm shutdown:
 running tasks finish), then Flower and the simulator, then the servers this
 command started.
+
+Before anything starts it checks what would otherwise fail later in a child:
+no other run holds DATA_DIR, CSV_DIR is writable, and its ports are free.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rich.live import Live
 
 from sentiment.config import Settings
 from sentiment.embedded import ensure_services, stop_services
+from sentiment.sinks.csv import check_csv_dir
 
 __all__ = ["DEMO_SUBREDDITS", "Runner", "only_run"]
 
@@ -83,6 +87,8 @@ class Runner:
 
     def run(self, duration: float | None = None) -> None:
         with only_run(self.settings.data_dir):
+            # What would otherwise fail in a child process, checked before anything starts.
+            check_csv_dir(self.settings.csv_dir)
             self._check_ports()
             self._run(duration)
 
