@@ -187,6 +187,40 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("reddit_user_agent", "csv_dir", "data_dir", mode="before")
+    @classmethod
+    def _not_blank(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty (unset it for the default)")
+        return value
+
+    @model_validator(mode="after")
+    def _reddit_credentials_complete(self) -> Settings:
+        """Half a set of credentials would silently mean the simulator; say what is missing."""
+        has = {
+            "REDDIT_CLIENT_ID": bool(self.reddit_client_id),
+            "REDDIT_CLIENT_SECRET": bool(self.reddit_client_secret),
+            "REDDIT_USERNAME": bool(self.reddit_username),
+            "REDDIT_PASSWORD": bool(self.reddit_password),
+        }
+        needs = [  # (given, then this is needed too)
+            ("REDDIT_CLIENT_ID", "REDDIT_CLIENT_SECRET"),
+            ("REDDIT_CLIENT_SECRET", "REDDIT_CLIENT_ID"),
+            ("REDDIT_USERNAME", "REDDIT_PASSWORD"),
+            ("REDDIT_PASSWORD", "REDDIT_USERNAME"),
+            ("REDDIT_USERNAME", "REDDIT_CLIENT_ID"),  # the password grant is the app's too
+            ("REDDIT_USERNAME", "REDDIT_CLIENT_SECRET"),
+        ]
+        problems = [f"{missing}: needed with {given}"
+                    for given, missing in needs if has[given] and not has[missing]]  # fmt: skip
+        if problems:
+            raise ValueError(
+                "\n  ".join(problems) + " (set REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET, plus "
+                "REDDIT_USERNAME and REDDIT_PASSWORD for the password grant; none of them: "
+                "the local simulator)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _visibility_outlasts_tasks(self) -> Settings:
         needed = self.task_hard_time_limit + self.retry_backoff_max
@@ -258,9 +292,11 @@ class Settings(BaseSettings):
 def _describe(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
-        variable = str(problem["loc"][0]).upper() if problem["loc"] else "(settings)"
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"  {variable}: {message}")
+        if problem["loc"]:
+            lines.append(f"  {str(problem['loc'][0]).upper()}: {message}")
+        else:  # a rule across settings: its message starts with the variable
+            lines.append(f"  {message}")
     return "invalid configuration (fix these in the environment or .env):\n" + "\n".join(lines)
 
 

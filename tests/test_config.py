@@ -50,12 +50,44 @@ def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, v
     )
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"REDDIT_CLIENT_ID": "abc", "REDDIT_CLIENT_SECRET": ""},
+         "  REDDIT_CLIENT_SECRET: needed with REDDIT_CLIENT_ID (set REDDIT_CLIENT_ID and"),
+        ({"REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "s3cret"},
+         "  REDDIT_CLIENT_ID: needed with REDDIT_CLIENT_SECRET"),
+        ({"REDDIT_USERNAME": "bob", "REDDIT_PASSWORD": ""},
+         "  REDDIT_PASSWORD: needed with REDDIT_USERNAME"),
+        ({"REDDIT_USERNAME": "", "REDDIT_PASSWORD": "pw"},
+         "  REDDIT_USERNAME: needed with REDDIT_PASSWORD"),
+        ({"REDDIT_USERNAME": "bob", "REDDIT_PASSWORD": "pw", "REDDIT_CLIENT_ID": "",
+          "REDDIT_CLIENT_SECRET": ""},
+         "  REDDIT_CLIENT_ID: needed with REDDIT_USERNAME\n  REDDIT_CLIENT_SECRET: needed with"),
+        ({"REDDIT_USER_AGENT": " "}, "  REDDIT_USER_AGENT: must not be empty"),
+        ({"CSV_DIR": ""}, "  CSV_DIR: must not be empty"),
+        ({"DATA_DIR": ""}, "  DATA_DIR: must not be empty"),
+        ({"CELERY_VISIBILITY_TIMEOUT": "300", "TASK_SOFT_TIME_LIMIT": "600",
+          "RETRY_BACKOFF_MAX": "120"}, "\n  CELERY_VISIBILITY_TIMEOUT (300s) must exceed"),
+    ],
+)  # fmt: skip
+def test_settings_that_only_make_sense_together(monkeypatch, given, message):
+    for variable, value in given.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert message in str(caught.value)
+    assert "(settings)" not in str(caught.value)
+
+
 def test_secrets_never_show_in_repr_or_summary(monkeypatch):
     monkeypatch.setenv("PG_HOST", "db.example")
     monkeypatch.setenv("PG_PASSWORD", "pg-secret-1")
     monkeypatch.setenv("REDIS_URL", "redis://:redis-secret-2@cache:6379/0")
     monkeypatch.setenv("REDDIT_CLIENT_SECRET", "reddit-secret-3")
     monkeypatch.setenv("REDDIT_PASSWORD", "reddit-secret-4")
+    monkeypatch.setenv("REDDIT_USERNAME", "someone")
+    monkeypatch.setenv("REDDIT_CLIENT_ID", "some-app")
     settings = load_settings()
     shown = repr(settings) + str(settings) + str(settings.safe_summary())
     for secret in ("pg-secret-1", "redis-secret-2", "reddit-secret-3", "reddit-secret-4"):
