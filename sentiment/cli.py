@@ -341,8 +341,8 @@ def main() -> None:  # pragma: no cover - console entry point
 
     try:
         app()
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except SentimentError as exc:  # ours: the message says what to do
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
         console.print(f"[red]error:[/red] PostgreSQL ({get_settings().postgres_address}): "

@@ -316,6 +316,17 @@ def test_scrape_with_no_worker_says_so_and_what_to_start(settings, redis_client)
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_reddit_check_without_credentials_says_what_to_set(settings):
+    env = {"SUBREDDITS": "stocks", "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""}
+
+    result = _sentiment("reddit", "check", env=env)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert "error: REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET are not set" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_reddit_check_reports_each_subreddit(settings, simulator):
     simulator.add_subreddit("checkme_ok", submissions=1, subscribers=1234)
     simulator.add_subreddit("checkme_priv", kind="private")
