@@ -114,6 +114,8 @@ def claim_unprocessed(limit: int, *, engine: Engine | None = None) -> Iterator[C
     `claim.connection` are kept) and rolls back on an exception (so the rows
     are free for another worker).
     """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a whole number of rows >= 1, not {limit!r}")
     with (engine or get_engine()).begin() as connection:
         rows = connection.execute(_CLAIM, {"limit": limit}).all()
         yield Claim((ClaimedEvent(*row) for row in rows), connection)

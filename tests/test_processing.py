@@ -136,3 +136,12 @@ def test_a_bad_key_is_counted_and_logged_and_the_rest_are_marked(db, caplog):
     with db.connect() as conn:
         done = conn.execute(text("SELECT id FROM raw_events WHERE processed")).scalars().all()
     assert done == [events[0].id]
+
+
+@pytest.mark.parametrize("limit", [0, -5, 2.5, "10", True])
+def test_claim_refuses_a_limit_that_is_not_a_row_count(db, limit):
+    with (
+        pytest.raises(ValueError, match="limit must be a whole number of rows >= 1"),
+        claim_unprocessed(limit),
+    ):
+        pass
