@@ -328,6 +328,9 @@ def reddit_check() -> None:
                     f"Reddit refused the credentials ({exc}): "
                     "check REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET"
                 )
+            if isinstance(exc, prawcore.RequestException):  # no answer at all: same for every one
+                _fail(f"Reddit ({settings.reddit_url}) is not reachable: {exc.original_exception}; "
+                      "check REDDIT_URL and REDDIT_OAUTH_URL, and the network")  # fmt: skip
             failures += 1
             table.add_row(sub.name, f"[red]{type(exc).__name__}[/red]: {exc}")
     console.print(table)

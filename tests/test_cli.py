@@ -352,6 +352,18 @@ def test_reddit_check_with_bad_credentials(settings, simulator):
     assert "Reddit refused the credentials" in result.stdout
 
 
+def test_reddit_check_says_once_that_reddit_is_unreachable(settings):
+    nowhere = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    env = {"SUBREDDITS": "stocks,investing", "REDDIT_OAUTH_URL": nowhere, "REDDIT_URL": nowhere}
+
+    result = _sentiment("reddit", "check", env=env)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: Reddit ({nowhere}) is not reachable" in shown
+    assert "REDDIT_URL" in shown and "stocks" not in shown  # one line, not one per subreddit
+
+
 def test_migrate_check_compares_models_and_migrations(settings):
     result = _sentiment("migrate", "--check")
 
