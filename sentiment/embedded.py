@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 import warnings
@@ -28,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sentiment.config import Settings
+from sentiment.errors import ConfigError, ServiceUnavailable
 
 __all__ = ["EmbeddedPostgres", "EmbeddedRedis", "ensure_services", "stop_services"]
 
@@ -60,7 +62,21 @@ def _wait_for(check: object, what: str, timeout: float = 30.0) -> None:
         if check():  # type: ignore[operator]
             return
         time.sleep(0.1)
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f}s")
+    raise ServiceUnavailable(f"{what} did not come up within {timeout:.0f}s")
+
+
+def _refuse_taken_port(port: int, variable: str, instead: str) -> None:
+    """Before starting a server of ours: the port must be free, or the server would
+    fail to bind (Redis, daemonised, only says so in its log)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(
+                f"{variable}: 127.0.0.1:{port} is taken by another program; set {variable} "
+                f"to a free port, or {instead}"
+            ) from None
 
 
 @dataclass
@@ -131,6 +147,8 @@ class EmbeddedPostgres:
 
     def start(self) -> None:
         """Initialise on first use, start if stopped, and make sure role and database exist."""
+        if not self.is_running():
+            _refuse_taken_port(self.port, "EMBEDDED_PG_PORT", "PG_HOST to use a server of yours")
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self._prepare_permissions()
         if not (self.pgdata / "PG_VERSION").exists():
@@ -179,9 +197,9 @@ class EmbeddedPostgres:
                     if self.logfile.exists()
                     else ""
                 )
-                raise RuntimeError(
-                    f"embedded PostgreSQL failed to start on port {self.port} "
-                    f"(is the port taken? set EMBEDDED_PG_PORT):\n{result.stderr}\n{tail}"
+                raise ServiceUnavailable(
+                    f"embedded PostgreSQL failed to start on port {self.port}:\n"
+                    f"{result.stderr}\n{tail}"
                 )
         _wait_for(self.accepts_connections, f"PostgreSQL on 127.0.0.1:{self.port}")
         self._ensure_role_and_database()
@@ -244,6 +262,7 @@ class EmbeddedRedis:
     def start(self) -> None:
         if self.is_running():
             return
+        _refuse_taken_port(self.port, "EMBEDDED_REDIS_PORT", "REDIS_URL to use a Redis of yours")
         self.directory.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [

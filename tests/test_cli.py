@@ -327,6 +327,29 @@ def test_reddit_check_without_credentials_says_what_to_set(settings):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("server", ["postgres", "redis"])
+def test_an_embedded_port_taken_by_another_program_is_refused_at_once(settings, tmp_path, server):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {"DATA_DIR": str(tmp_path / "data")}
+        if server == "postgres":  # only PostgreSQL is embedded
+            env |= {"EMBEDDED_PG_PORT": port, "REDIS_URL": settings.redis_connection_url()}
+        else:  # only Redis is embedded
+            env |= {"EMBEDDED_REDIS_PORT": port, "PG_HOST": "127.0.0.1",
+                    "PG_PORT": str(settings.embedded_pg_port)}  # fmt: skip
+        result = _sentiment("services", "start", env=env, timeout=60)
+
+    variable = "EMBEDDED_PG_PORT" if server == "postgres" else "EMBEDDED_REDIS_PORT"
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: {variable}: 127.0.0.1:{port} is taken by another program" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_reddit_check_reports_each_subreddit(settings, simulator):
     simulator.add_subreddit("checkme_ok", submissions=1, subscribers=1234)
     simulator.add_subreddit("checkme_priv", kind="private")
