@@ -76,6 +76,29 @@ class BatchExpired(SentimentError):
     """The batch blob is gone (expired or Redis lost its data); the scrape must run again."""
 
 
+class MalformedBatch(SentimentError, ValueError):
+    """A task got a batch that `scrape` did not make (a hand-written or damaged message)."""
+
+
+# What each link of the chain reads from the batch dict it is handed.
+INSERT_NEEDS = frozenset({"batch", "batch_id", "subreddit", "watermarks"})
+EXPORT_NEEDS = frozenset({
+    "batch", "batch_id", "subreddit", "new", "fetched", "inserted", "duplicates", "rejected",
+    "gaps", "malformed", "requests", "started_at",
+})  # fmt: skip
+
+
+def check_batch(task: str, batch: Any, needs: frozenset[str]) -> dict[str, Any]:
+    """`batch` itself, or MalformedBatch naming what is missing (never retried, never parked)."""
+    if not isinstance(batch, dict):
+        raise MalformedBatch(f"{task} got a malformed batch: a {type(batch).__name__}, not the "
+                             "dict scrape hands on")  # fmt: skip
+    if missing := sorted(needs - batch.keys()):
+        raise MalformedBatch(f"{task} got a malformed batch: no {', '.join(missing)} (batches "
+                             "come from scrape; run scrape.delay(subreddit) instead)")  # fmt: skip
+    return batch
+
+
 _redis_clients: dict[int, redis.Redis] = {}
 
 

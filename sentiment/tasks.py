@@ -116,6 +116,7 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
 @app.task(bind=True, name="sentiment.tasks.insert_batch", **_RETRY)
 def insert_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     """Store a stashed batch; pass on which of its events were new."""
+    pipeline.check_batch("insert_batch", batch, pipeline.INSERT_NEEDS)
     events = pipeline.load_batch(batch["batch"])
     result = pg_sink.insert_batch(events, batch_id=batch["batch_id"])
     position = {event.key: index for index, event in enumerate(events)}
@@ -130,8 +131,8 @@ class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any], einfo: Any) -> None:  # fmt: skip
-        if isinstance(exc, pipeline.BatchExpired) or not args:
-            return  # no blob and no record of its new rows: nothing to retry with
+        if isinstance(exc, pipeline.BatchExpired | pipeline.MalformedBatch) or not args:
+            return  # no blob and no record of its new rows, or no batch: nothing to retry
         batch = args[0]
         try:
             pipeline.park_export(batch)
@@ -151,7 +152,7 @@ class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
 @app.task(bind=True, base=_ExportTask, name="sentiment.tasks.export_csv", **_RETRY)
 def export_csv(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     """Append the batch's new rows to the CSV files; return the run's summary."""
-    return _export(batch)
+    return _export(pipeline.check_batch("export_csv", batch, pipeline.EXPORT_NEEDS))
 
 
 def _export(batch: dict[str, Any]) -> dict[str, Any]:

@@ -223,6 +223,15 @@ def test_a_worker_that_cannot_write_to_csv_dir_stops_at_start_up_saying_so(
     worker_factory(env={"CSV_DIR": str(blocked)}, queues="scrape,ingest")
 
 
+def test_a_malformed_message_fails_its_task_clearly_and_parks_nothing(worker, caplog):
+    for task, poison in ((insert_batch, {"subreddit": "stocks"}), (export_csv, {"x": 1})):
+        with pytest.raises(Exception, match="malformed batch") as caught:
+            task.delay(poison).get(timeout=30)
+        assert type(caught.value).__name__ == "MalformedBatch"
+    assert pipeline.parked_exports() == []
+    assert worker.alive()
+
+
 def test_an_export_that_fails_for_good_is_parked_and_retried_once_the_disk_is_back(
     worker_factory, simulator, db, redis_client, tmp_path
 ):
