@@ -31,7 +31,9 @@ from redis.retry import Retry
 from sentiment.config import Settings
 from sentiment.errors import ConfigError, ServiceUnavailable
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "ensure_services", "stop_services"]
+__all__ = [
+    "EmbeddedPostgres", "EmbeddedRedis", "ensure_services", "port_taken", "stop_services",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +67,23 @@ def _wait_for(check: object, what: str, timeout: float = 30.0) -> None:
     raise ServiceUnavailable(f"{what} did not come up within {timeout:.0f}s")
 
 
-def _refuse_taken_port(port: int, variable: str, instead: str) -> None:
-    """Before starting a server of ours: the port must be free, or the server would
-    fail to bind (Redis, daemonised, only says so in its log)."""
+def port_taken(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (a server we start could not bind it)."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
-            raise ConfigError(
-                f"{variable}: 127.0.0.1:{port} is taken by another program; set {variable} "
-                f"to a free port, or {instead}"
-            ) from None
+            return True
+    return False
+
+
+def _refuse_taken_port(port: int, variable: str, instead: str) -> None:
+    """Before starting a server of ours: the port must be free, or the server would
+    fail to bind (Redis, daemonised, only says so in its log)."""
+    if port_taken(port):
+        raise ConfigError(f"{variable}: 127.0.0.1:{port} is taken by another program; set "
+                          f"{variable} to a free port, or {instead}")  # fmt: skip
 
 
 @dataclass

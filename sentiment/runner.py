@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.live import Live
 
 from sentiment.config import Settings
-from sentiment.embedded import ensure_services, stop_services
+from sentiment.embedded import ensure_services, port_taken, stop_services
 from sentiment.sinks.csv import check_csv_dir
 
 __all__ = ["DEMO_SUBREDDITS", "Runner", "only_run"]
@@ -98,14 +98,8 @@ class Runner:
         if not self.settings.has_reddit_credentials:
             wanted.append((self.simulator_port, "the Reddit simulator", "--simulator-port"))
         for port, what, option in wanted:
-            with socket.socket() as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    raise RuntimeError(
-                        f"port {port} ({what}) is in use; choose another with {option}"
-                    ) from None
+            if port_taken(port):
+                raise RuntimeError(f"port {port} ({what}) is in use; choose another with {option}")
 
     def _run(self, duration: float | None) -> None:
         started = ensure_services(self.settings)
@@ -234,8 +228,6 @@ class Runner:
         )
 
     def _wait_for_port(self, port: int, timeout: float = 20) -> None:
-        import socket
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with socket.socket() as sock:
