@@ -337,9 +337,10 @@ def test_an_embedded_port_taken_by_another_program_is_refused_at_once(settings, 
         port = str(taken.getsockname()[1])
         env = {"DATA_DIR": str(tmp_path / "data")}
         if server == "postgres":  # only PostgreSQL is embedded
-            env |= {"EMBEDDED_PG_PORT": port, "REDIS_URL": settings.redis_connection_url()}
+            env |= {"EMBEDDED_PG_PORT": port, "PG_HOST": "",
+                    "REDIS_URL": settings.redis_connection_url()}  # fmt: skip
         else:  # only Redis is embedded
-            env |= {"EMBEDDED_REDIS_PORT": port, "PG_HOST": "127.0.0.1",
+            env |= {"EMBEDDED_REDIS_PORT": port, "REDIS_URL": "", "PG_HOST": "127.0.0.1",
                     "PG_PORT": str(settings.embedded_pg_port)}  # fmt: skip
         result = _sentiment("services", "start", env=env, timeout=60)
 
