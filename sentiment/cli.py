@@ -289,8 +289,11 @@ def simulator(
     ] = "simulator",
 ) -> None:
     """Serve the Reddit-compatible simulator until Ctrl-C."""
+    from sentiment.embedded import port_taken
     from sentiment.reddit.simulator import run_simulator
 
+    if port_taken(port):
+        _fail(f"port {port} is in use; choose another with --port")
     names = [s.strip() for s in subreddits.split(",") if s.strip()] or [
         s.name for s in get_settings().subreddits
     ]

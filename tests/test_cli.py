@@ -351,6 +351,21 @@ def test_an_embedded_port_taken_by_another_program_is_refused_at_once(settings, 
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_simulator_refuses_a_port_that_is_taken(settings):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _sentiment("simulator", "--port", str(port), timeout=60)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: port {port} is in use; choose another with --port" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_reddit_check_reports_each_subreddit(settings, simulator):
     simulator.add_subreddit("checkme_ok", submissions=1, subscribers=1234)
     simulator.add_subreddit("checkme_priv", kind="private")
