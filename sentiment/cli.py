@@ -119,7 +119,7 @@ def scrape(
                                   socket_timeout=3) as client:  # fmt: skip
             client.ping()
     except redis.RedisError as exc:
-        _fail(f"Redis ({settings.safe_summary()['redis']}) is not reachable: {exc} Start "
+        _fail(f"Redis ({settings.redis_address}) is not reachable: {exc} Start "
               "the pipeline with `make run` (or `sentiment run`), or set REDIS_URL to a "
               "running Redis.")  # fmt: skip
     result = scrape_task.delay(name)
@@ -357,9 +357,9 @@ def main() -> None:  # pragma: no cover - console entry point
                       highlight=False)  # fmt: skip
         sys.exit(1)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        where = get_settings().safe_summary()["redis"]
-        console.print(f"[red]error:[/red] Redis ({where}): {_first_line(exc)}. Check "
-                      "REDIS_URL (unset: the embedded server).", highlight=False)  # fmt: skip
+        console.print(f"[red]error:[/red] Redis ({get_settings().redis_address}): "
+                      f"{_first_line(exc)}. Check REDIS_URL (unset: the embedded server).",
+                      highlight=False)  # fmt: skip
         sys.exit(1)
 
 

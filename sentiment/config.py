@@ -274,15 +274,18 @@ class Settings(BaseSettings):
             return self.redis_url.get_secret_value()
         return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
 
+    @property
+    def redis_address(self) -> str:
+        """host:port of Redis, or its socket path; never the password."""
+        parts = urlsplit(self.redis_connection_url())
+        return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
+
     def safe_summary(self) -> dict[str, str]:
         """Where things are, with every secret left out, for logs and `sentiment status`."""
-        pg = "embedded" if self.pg_host is None else f"{self.pg_host}:{self.pg_port}"
-        redis_url = self.redis_connection_url()
-        redis_parts = urlsplit(redis_url)
-        redis = f"{redis_parts.hostname}:{redis_parts.port}" if redis_parts.hostname else redis_url
+        pg = "embedded" if self.pg_host is None else self.postgres_address
         return {
             "postgres": f"{pg}/{self.pg_db} as {self.pg_user}",
-            "redis": "embedded" if self.redis_url is None else redis,
+            "redis": "embedded" if self.redis_url is None else self.redis_address,
             "reddit": self.reddit_oauth_url,
             "subreddits": ",".join(s.name for s in self.subreddits) or "(none)",
             "csv_dir": str(self.csv_dir),

@@ -44,9 +44,13 @@ except ImportError:  # pragma: no cover - depends on the Python version
     from backports import zstd
 
 __all__ = [
+    "EXPORT_NEEDS",
+    "INSERT_NEEDS",
     "PARKED_EXPORTS_KEY",
     "BatchExpired",
+    "MalformedBatch",
     "acquire_scrape_lock",
+    "check_batch",
     "drop_batch",
     "failing_reason",
     "fetch",

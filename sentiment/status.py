@@ -75,12 +75,12 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
             report["rejected"] = conn.execute(text("SELECT count(*) FROM rejected_events")).scalar()
         report["health"]["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
-        embedded, where = settings.pg_host is None, settings.postgres_address
+        where = settings.postgres_address
         if isinstance(exc, sqlalchemy.exc.ProgrammingError):  # it answers; a table is missing
             what, hint = f"PostgreSQL ({where}) is not migrated", " (run `sentiment migrate`)"
         else:
             what = f"PostgreSQL ({where}) is not reachable"
-            hint = _START_EMBEDDED if embedded else ""
+            hint = _START_EMBEDDED if settings.uses_embedded_postgres else ""
         _down(report, "postgres", what, hint=hint, exc=exc)
     for name in names:
         report["subreddits"].setdefault(name, {})
@@ -117,8 +117,7 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
                 entry["failing"] = _text(failing)
         report["health"]["redis"] = "ok"
     except redis.RedisError as exc:
-        where = client.connection_pool.connection_kwargs
-        _down(report, "redis", f"Redis ({where.get('host')}:{where.get('port')}) is not reachable",
+        _down(report, "redis", f"Redis ({settings.redis_address}) is not reachable",
               hint=_START_EMBEDDED if settings.uses_embedded_redis else "", exc=exc)  # fmt: skip
     finally:
         client.close()

@@ -204,14 +204,15 @@ def retry_exports() -> dict[str, int]:
             log.warning("r/%s: a parked CSV export still fails: %s", name, exc)
             counts["failing"] += 1
             continue
+        # Done, or beyond retrying. A crash before this is harmless: the next retry
+        # finds the batch in the CSV ledger.
+        pipeline.unpark_export(batch["batch_id"])
         if lost:
-            pipeline.unpark_export(batch["batch_id"])
             log.error("r/%s: a parked CSV export can no longer be retried (too old, or its "
                       "batch is gone): its %d rows are in PostgreSQL but not in CSV",
                       name, len(batch["new"]))  # fmt: skip
             counts["lost"] += 1
-        else:  # a crash before this is harmless: the next retry finds it in the ledger
-            pipeline.unpark_export(batch["batch_id"])
+        else:
             log.info("r/%s: a parked CSV export is done", name)
             counts["exported"] += 1
     return counts

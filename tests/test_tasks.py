@@ -223,7 +223,7 @@ def test_a_worker_that_cannot_write_to_csv_dir_stops_at_start_up_saying_so(
     worker_factory(env={"CSV_DIR": str(blocked)}, queues="scrape,ingest")
 
 
-def test_a_malformed_message_fails_its_task_clearly_and_parks_nothing(worker, caplog):
+def test_a_malformed_message_fails_its_task_clearly_and_parks_nothing(worker):
     for task, poison in ((insert_batch, {"subreddit": "stocks"}), (export_csv, {"x": 1})):
         with pytest.raises(Exception, match="malformed batch") as caught:
             task.delay(poison).get(timeout=30)
