@@ -30,7 +30,7 @@ from sentiment.errors import ConfigError, SentimentError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["app"]
+__all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 services_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL and Redis.")
@@ -38,7 +38,7 @@ reddit_app = typer.Typer(no_args_is_help=True, help="Reddit credentials and subr
 app.add_typer(services_app, name="services")
 app.add_typer(reddit_app, name="reddit")
 console = Console()
-ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fail(message: str) -> None:
@@ -214,7 +214,7 @@ def migrate(
 
     settings = get_settings()
     ensure_services(settings)
-    config = Config(str(ROOT / "alembic.ini"))
+    config = Config(str(_ROOT / "alembic.ini"))
     if not check:
         command.upgrade(config, "head")
         console.print("database is at the newest migration")

@@ -25,7 +25,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sentiment.errors import ConfigError
 
-__all__ = ["Settings", "SubredditSchedule", "get_settings", "parse_subreddits", "valid_subreddit"]
+__all__ = [
+    "Settings", "SubredditSchedule", "get_settings", "load_settings", "parse_subreddits",
+    "valid_subreddit",
+]  # fmt: skip
 
 # Reddit's own rule for subreddit names: letters, digits and underscore, 2-21
 # characters (a few legacy names are 2 long, e.g. r/de). Nothing else can reach

@@ -32,7 +32,8 @@ from sentiment.config import Settings
 from sentiment.errors import ConfigError, ServiceUnavailable
 
 __all__ = [
-    "EmbeddedPostgres", "EmbeddedRedis", "ensure_services", "port_taken", "stop_services",
+    "EmbeddedPostgres", "EmbeddedRedis", "embedded_postgres", "embedded_redis", "ensure_services",
+    "port_taken", "stop_services",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)

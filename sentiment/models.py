@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, MetaData,
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "IngestedBatch", "RawEvent", "RejectedEvent"]
+__all__ = ["NAMING_CONVENTION", "Base", "IngestedBatch", "RawEvent", "RejectedEvent"]
 
 # Stable constraint names, so migrations never depend on what the server invents.
 NAMING_CONVENTION = {

@@ -44,13 +44,16 @@ except ImportError:  # pragma: no cover - depends on the Python version
     from backports import zstd
 
 __all__ = [
+    "BATCH_TTL_S",
     "EXPORT_NEEDS",
     "INSERT_NEEDS",
     "PARKED_EXPORTS_KEY",
     "BatchExpired",
     "MalformedBatch",
     "acquire_scrape_lock",
+    "advance_watermarks",
     "check_batch",
+    "clear_failing",
     "drop_batch",
     "failing_reason",
     "fetch",

@@ -17,7 +17,7 @@ from sentiment.config import Settings
 from sentiment.pipeline import PARKED_EXPORTS_KEY
 from sentiment.reddit.ratelimit import limiter_key
 
-__all__ = ["collect_status", "healthy", "render_status", "status_table"]
+__all__ = ["QUEUES", "collect_status", "healthy", "render_status", "status_table"]
 
 QUEUES = ("scrape", "ingest", "export")
 

@@ -23,7 +23,10 @@ from sentiment.reddit._simulator_data import (
 )
 from sentiment.reddit.ids import to_base36
 
-__all__ = ["LISTING_DEPTH", "READABLE", "Catalog", "ItemKind", "Stored", "SubredditKind"]
+__all__ = [
+    "LISTING_DEPTH", "READABLE", "Catalog", "Feed", "ItemKind", "Stored", "Subreddit",
+    "SubredditKind", "about_payload",
+]  # fmt: skip
 
 LISTING_DEPTH: Final = 1000  # Reddit keeps only this many items reachable in a listing
 READABLE: Final = frozenset({"public", "restricted"})

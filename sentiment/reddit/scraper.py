@@ -29,7 +29,7 @@ from sentiment.errors import InvalidSubreddit, RedditError
 from sentiment.reddit.client import translate_error
 from sentiment.reddit.ids import base36_to_int
 
-__all__ = ["KINDS", "Kind", "ScrapeResult", "scrape_subreddit"]
+__all__ = ["KINDS", "PAGE_SIZE", "Kind", "KindResult", "ScrapeResult", "scrape_subreddit"]
 
 log = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ from sentiment.errors import (
 )
 
 __all__ = [
-    "COLUMNS", "KEEP_BATCHES_S", "CsvLedgerCorrupt", "ExportResult", "check_csv_dir",
+    "COLUMNS", "KEEP_BATCHES_S", "LEDGER", "CsvLedgerCorrupt", "ExportResult", "check_csv_dir",
     "export_events",
 ]  # fmt: skip
 
