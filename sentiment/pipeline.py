@@ -55,6 +55,7 @@ __all__ = [
     "check_batch",
     "clear_failing",
     "drop_batch",
+    "failing_key",
     "failing_reason",
     "fetch",
     "get_redis",
@@ -64,6 +65,8 @@ __all__ = [
     "parked_exports",
     "record_run",
     "release_scrape_lock",
+    "runs_key",
+    "scrape_lock_key",
     "stash_batch",
     "unpark_export",
 ]
@@ -249,20 +252,31 @@ def unpark_export(batch_id: str) -> None:
 # -- locks and subreddit health ---------------------------------------------
 
 
-def _lock_key(subreddit: str) -> str:
+def scrape_lock_key(subreddit: str) -> str:
+    """Held while a scrape of `subreddit` runs (until its insert commits)."""
     return f"sentiment:lock:scrape:{subreddit}"
+
+
+def runs_key(subreddit: str) -> str:
+    """A hash: when the last run ended, its summary, its error."""
+    return f"sentiment:runs:{subreddit}"
+
+
+def failing_key(subreddit: str) -> str:
+    """Set while the subreddit is skipped after a non-retryable error; holds the reason."""
+    return f"sentiment:failing:{subreddit}"
 
 
 def acquire_scrape_lock(subreddit: str, ttl_s: int) -> str | None:
     """A token if this scrape may run, None if another holds the subreddit."""
     token = uuid.uuid4().hex
-    return token if get_redis().set(_lock_key(subreddit), token, nx=True, ex=ttl_s) else None
+    return token if get_redis().set(scrape_lock_key(subreddit), token, nx=True, ex=ttl_s) else None
 
 
 def release_scrape_lock(subreddit: str, token: str | None) -> None:
     """Release our lock only: after a TTL expiry it may belong to another scrape."""
     if token:
-        get_redis().eval(_RELEASE, 1, _lock_key(subreddit), token)
+        get_redis().eval(_RELEASE, 1, scrape_lock_key(subreddit), token)
 
 
 def _text(value: bytes | str) -> str:
@@ -270,7 +284,7 @@ def _text(value: bytes | str) -> str:
 
 
 def failing_reason(subreddit: str) -> str | None:
-    value = get_redis().get(f"sentiment:failing:{subreddit}")
+    value = get_redis().get(failing_key(subreddit))
     return _text(value) if value else None
 
 
@@ -280,12 +294,12 @@ def mark_failing(subreddit: str, reason: str) -> int:
     failures = int(client.incr(f"sentiment:failures:{subreddit}"))
     client.expire(f"sentiment:failures:{subreddit}", _FAILING_MAX_S * 4)
     seconds = int(min(_FAILING_MAX_S, _FAILING_BASE_S * 2 ** (failures - 1)))
-    client.set(f"sentiment:failing:{subreddit}", reason, ex=seconds)
+    client.set(failing_key(subreddit), reason, ex=seconds)
     return seconds
 
 
 def clear_failing(subreddit: str) -> None:
-    get_redis().delete(f"sentiment:failures:{subreddit}", f"sentiment:failing:{subreddit}")
+    get_redis().delete(f"sentiment:failures:{subreddit}", failing_key(subreddit))
 
 
 def record_run(
@@ -298,4 +312,4 @@ def record_run(
     if error is not None:
         fields["error"] = error
         fields["error_at"] = fields["at"]
-    get_redis().hset(f"sentiment:runs:{subreddit}", mapping=fields)
+    get_redis().hset(runs_key(subreddit), mapping=fields)

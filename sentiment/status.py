@@ -14,7 +14,7 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 
 from sentiment.config import Settings
-from sentiment.pipeline import PARKED_EXPORTS_KEY
+from sentiment.pipeline import PARKED_EXPORTS_KEY, failing_key, runs_key, scrape_lock_key
 from sentiment.reddit.ratelimit import limiter_key
 
 __all__ = ["QUEUES", "collect_status", "healthy", "render_status", "status_table"]
@@ -107,12 +107,15 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
             }
         for name in names:
             entry = report["subreddits"].setdefault(name, {})
-            run = {_text(k): _text(v) for k, v in client.hgetall(f"sentiment:runs:{name}").items()}
+            run = {_text(k): _text(v) for k, v in client.hgetall(runs_key(name)).items()}
             if "at" in run:
                 entry["last_run_s_ago"] = round(now - float(run["at"]))
             if "error" in run:
                 entry["last_error"] = run["error"]
-            failing = client.get(f"sentiment:failing:{name}")
+            # A scrape holds its lock until its insert commits, also while it waits
+            # for the rate limit: without this a first scrape just shows "never".
+            entry["scraping"] = bool(client.exists(scrape_lock_key(name)))
+            failing = client.get(failing_key(name))
             if failing:
                 entry["failing"] = _text(failing)
         report["health"]["redis"] = "ok"
@@ -134,11 +137,12 @@ def status_table(report: dict[str, Any]) -> Group:
     )
     for name, entry in sorted(report["subreddits"].items()):
         ago = entry.get("last_run_s_ago")
+        last_run = "never" if ago is None else f"{ago}s ago"
         subs.add_row(
             name,
             f"{entry.get('submissions', 0):,}",
             f"{entry.get('comments', 0):,}",
-            "never" if ago is None else f"{ago}s ago",
+            f"{last_run}, scraping now" if entry.get("scraping") else last_run,
             entry.get("failing") or entry.get("last_error", ""),
         )
     overview = Table(

@@ -132,6 +132,26 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
 
 
+def test_status_shows_a_scrape_in_progress(settings, redis_client):
+    """A first scrape that waits for the rate limit is "scraping", not "never"."""
+    from sentiment.pipeline import acquire_scrape_lock, record_run, release_scrape_lock
+
+    record_run("stocks", {"subreddit": "stocks"})
+    token = acquire_scrape_lock("wallstreetbets", ttl_s=60)  # as a running scrape holds it
+    try:
+        env = {"SUBREDDITS": "stocks,wallstreetbets", "COLUMNS": "200"}
+        report = json.loads(_sentiment("status", "--json", env=env).stdout)
+        table = _sentiment("status", env=env).stdout
+    finally:
+        release_scrape_lock("wallstreetbets", token)
+
+    assert report["subreddits"]["wallstreetbets"]["scraping"] is True
+    assert report["subreddits"]["stocks"]["scraping"] is False
+    rows = {line.split()[1]: line for line in table.splitlines() if line.startswith("│ ")}
+    assert "never, scraping now" in rows["wallstreetbets"]
+    assert "scraping" not in rows["stocks"] and "s ago" in rows["stocks"]
+
+
 def test_status_says_which_server_is_down_and_exits_non_zero(settings):
     down = {  # nothing listens on either port
         "PG_HOST": "127.0.0.1",
