@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis.exceptions
@@ -104,7 +105,10 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     batch = {
         **result.summary(),
         "batch": ref,
-        "batch_id": self.request.id or ref or "eager",
+        # One per run, not the task id: a redelivered scrape message keeps its id but
+        # fetches other items, and the sinks' replay records and the CSV ledger
+        # know a batch by this id.
+        "batch_id": uuid.uuid4().hex,
         "watermarks": result.watermarks,
         "lock": token,
         "started_at": started,

@@ -97,6 +97,29 @@ def test_an_overlapping_scrape_is_refused(worker, simulator):
     assert scrape.delay(name).get(timeout=60)["inserted"] == 3
 
 
+@pytest.mark.parametrize("arriving", [(5, 12), (30, 70)], ids=["fewer", "as-many"])
+def test_a_redelivered_scrape_is_a_new_batch(worker, simulator, db, csv_dir, arriving):
+    """The worker died after `scrape` sent its chain, before the ack: Redis hands the
+    same message, task id and all, out again. Its run is a batch of its own, whose
+    new rows reach the CSV too (with the task id as batch id, the CSV ledger took
+    them for written; a batch of the same size even replayed the old one's keys)."""
+    name = _unique_subreddit("redeliver")
+    simulator.add_subreddit(name, submissions=30, comments=70)
+    task_id = uuid.uuid4().hex
+    first = scrape.apply_async(args=[name], task_id=task_id)
+    assert first.get(timeout=90)["exported"] == 100
+    first.forget()  # so that .get() below waits for the second run's result
+
+    submissions, comments = arriving
+    simulator.add_items(name, submissions=submissions, comments=comments)
+    again = scrape.apply_async(args=[name], task_id=task_id).get(timeout=90)
+
+    assert again["inserted"] == again["exported"] == submissions + comments
+    stored = _stored_ids(db, name)
+    assert len(stored) == 100 + submissions + comments
+    assert sorted(_csv_ids(csv_dir)) == sorted(stored)
+
+
 @pytest.mark.parametrize("bad", ["../etc", "a", 123, None])
 def test_a_bad_subreddit_name_fails_at_once_with_the_rule(worker, bad):
     with pytest.raises(Exception, match="is not a valid subreddit name") as caught:
