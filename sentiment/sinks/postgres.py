@@ -169,7 +169,9 @@ def insert_batch(
     Safe to call again with the same or overlapping events, from any number of
     processes at once. With a `batch_id`, a second call for the same batch
     returns the same new events as the first did, even if the first died
-    after committing: each chunk's outcome is recorded with its rows.
+    after committing: each chunk's outcome is recorded with its rows. (A run
+    with another chunk size finds them too: a row of the batch that any
+    earlier run recorded as new is new.)
     """
     engine = engine or get_sink_engine()
     chunk_size = chunk_size or get_settings().insert_batch_size
@@ -180,6 +182,8 @@ def insert_batch(
         _prepare(conn, raw.info)
         if batch_id is not None:
             batch.recorded = _recorded_chunks(conn, batch_id)
+            batch.recorded_keys = {key for keys, _ in batch.recorded.values()
+                                   for key in _decoded(keys)}  # fmt: skip
         for start in range(0, len(unique), chunk_size):
             _store_chunk(conn, batch, start, min(start + chunk_size, len(unique)))
     return batch.result
@@ -230,6 +234,7 @@ class _Batch:
     batch_id: str | None
     result: InsertResult
     recorded: dict[tuple[int, int], tuple[list[Any], int]] = field(default_factory=dict)
+    recorded_keys: set[tuple[str, datetime]] = field(default_factory=set)  # new in any record
     # Try the direct COPY first: at the start of a call, and again after a chunk
     # the stage path found to hold no stored row.
     copy_first: bool = True
@@ -292,8 +297,27 @@ def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
 
 def _replay(batch: _Batch, first: int, last: int) -> None:
     keys, rejected = batch.recorded[(first, last)]
-    new_keys = [(k[0], _EPOCH + k[1] * _MICROSECOND) for k in keys]
-    _count(batch.result, batch.events[first:last], new_keys, rejected)
+    chunk = batch.events[first:last]
+    new_keys = _decoded(keys)
+    _count(batch.result, chunk, new_keys + _stored_earlier(batch, chunk, new_keys), rejected)
+
+
+def _decoded(keys: list[Any]) -> list[tuple[str, datetime]]:
+    """Keys as `_record` stores them ([id, microseconds since the epoch]) as (id, time)."""
+    return [(k[0], _EPOCH + k[1] * _MICROSECOND) for k in keys]
+
+
+def _stored_earlier(
+    batch: _Batch, chunk: list[RawEventDTO], new_keys: list[tuple[str, datetime]]
+) -> list[tuple[str, datetime]]:
+    """Keys of `chunk` beyond `new_keys` that an earlier run of this batch stored as new,
+    under other chunk bounds (a run with another INSERT_BATCH_SIZE): still new to
+    the batch, so they are handed on again. Records never share a key: each one
+    holds only the rows its own chunk inserted."""
+    if not batch.recorded_keys:
+        return []
+    known = set(new_keys)
+    return [e.key for e in chunk if e.key in batch.recorded_keys and e.key not in known]
 
 
 def _log_path(first: int, last: int, path: str, why: str) -> None:
@@ -360,7 +384,7 @@ def _stage_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
         _stage_chunk(conn, batch, first, middle)
         _stage_chunk(conn, batch, middle, last)
         return
-    _count(batch.result, chunk, new_keys, 0)
+    _count(batch.result, chunk, new_keys + _stored_earlier(batch, chunk, new_keys), 0)
 
 
 def _count(

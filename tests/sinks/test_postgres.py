@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine, text
 
 from sentiment.dto import RawEventDTO, dump_events, load_events
-from sentiment.sinks.postgres import insert_batch
+from sentiment.sinks.postgres import insert_batch, stored_new_events
 from tests.factories import make_event, make_events, make_poison
 
 
@@ -176,6 +176,33 @@ def test_a_batch_run_again_hands_on_the_same_new_rows(db):
     assert [e.key for e in again.new] == [e.key for e in first.new]
     assert (again.duplicates, again.rejected) == (first.duplicates, first.rejected) == (10, 0)
     assert insert_batch(batch, batch_id="batch-2").new == []
+
+
+def test_a_batch_run_again_with_another_chunk_size_hands_on_the_same_new_rows(db):
+    # Workers restarted with another INSERT_BATCH_SIZE, and the task runs again.
+    batch = make_events(20)
+
+    first = insert_batch(batch, batch_id="resized", chunk_size=20)
+    again = insert_batch(batch, batch_id="resized", chunk_size=8)
+    third = insert_batch(batch, batch_id="resized", chunk_size=8)  # now replays (0, 8), ...
+
+    assert len(first.new) == 20
+    assert sorted(e.key for e in again.new) == sorted(e.key for e in first.new)
+    assert sorted(e.key for e in third.new) == sorted(e.key for e in first.new)
+    assert (again.duplicates, again.rejected) == (third.duplicates, third.rejected) == (0, 0)
+    assert insert_batch(batch, batch_id="another").new == []
+
+
+def test_a_batch_cut_short_then_run_with_another_chunk_size_hands_on_all_its_rows(db):
+    # The first run committed its first chunk and died; the next, resized, stores the rest.
+    batch = make_events(30)
+    insert_batch(batch[:20], batch_id="cut", chunk_size=20)  # what the first run committed
+
+    again = insert_batch(batch, batch_id="cut", chunk_size=8)
+
+    assert sorted(e.key for e in again.new) == sorted(e.key for e in batch)
+    assert again.duplicates == 0
+    assert sorted(e.key for e in stored_new_events("cut")) == sorted(e.key for e in batch)
 
 
 def test_a_rejected_record_is_quarantined_once_across_reruns(db):
