@@ -12,9 +12,15 @@ holds the cutoff back: nothing from its day on is dropped until it is marked
 processed. The result says when that happens (`held_back_by`), and so does
 the log.
 
-The run locks raw_events against writers (SHARE ROW EXCLUSIVE, within the
-connection's lock_timeout) while it decides and drops, so a row inserted or
-un-processed meanwhile cannot be lost; readers are not blocked.
+The run takes raw_events whole (ACCESS EXCLUSIVE) while it decides and
+drops, so a row inserted or un-processed meanwhile cannot be lost; that
+takes milliseconds. Dropping a partition needs that lock on the parent
+anyway, and taking it first, before any other, is what keeps the run out of
+deadlocks: a sentiment worker that holds a claim and then marks its rows
+would otherwise wait for the run while the run waits for it. The run waits
+at most `LOCK_WAIT_S` for the table (every query that comes after queues
+behind it meanwhile); if a transaction still holds it (a long claim), the
+run gives up with a retryable `ServiceUnavailable` and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,14 +31,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
 from sentiment.db import get_engine
+from sentiment.errors import ServiceUnavailable
 
-__all__ = ["RetentionResult", "apply_retention"]
+__all__ = ["LOCK_WAIT_S", "RetentionResult", "apply_retention"]
 
 log = logging.getLogger(__name__)
 
 _PARTITION = re.compile(r"raw_events_p(\d{8})")
+LOCK_WAIT_S = 2  # how long a run waits for raw_events before it steps back
+_LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +80,7 @@ def apply_retention(
         raise ValueError("retention must keep at least one day")
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     with (engine or get_engine()).connect() as conn, conn.begin() as transaction:
-        conn.execute(text("LOCK TABLE raw_events IN SHARE ROW EXCLUSIVE MODE"))
+        _lock_raw_events(conn)
         oldest = conn.execute(text("SELECT min(occurred_at) FROM raw_events WHERE NOT processed"))
         held_back_by = oldest.scalar()
         if held_back_by is not None and held_back_by < cutoff:
@@ -106,6 +116,20 @@ def apply_retention(
         log.info("retention: before %s: dropped %s, deleted %d rows from the default partition",
                  cutoff.isoformat(), ", ".join(dropped) or "nothing", deleted)  # fmt: skip
     return result
+
+
+def _lock_raw_events(conn: Connection) -> None:
+    """Take raw_events whole, waiting at most LOCK_WAIT_S (see the module doc)."""
+    conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S}s'"))
+    try:
+        conn.execute(text("LOCK TABLE raw_events IN ACCESS EXCLUSIVE MODE"))
+    except OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        raise ServiceUnavailable(
+            f"retention: raw_events is in use (a transaction held it for {LOCK_WAIT_S}s, such"
+            " as a sentiment worker's open claim); nothing was dropped, try again later"
+        ) from None
 
 
 def _is_hypertable(conn: Connection) -> bool:

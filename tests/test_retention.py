@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -132,6 +133,63 @@ def test_a_row_written_while_retention_runs_is_not_lost(partitioned):
     assert _stored(partitioned) == {"old40", "late40"}
     assert result.held_back_by == _days_ago(40)
     assert result.dropped == ()
+
+
+@pytest.fixture(params=["partitioned", "hypertable"])
+def any_layout(request, scratch_engine, monkeypatch, timescale) -> Engine:
+    if request.param == "hypertable" and not timescale:
+        pytest.skip("this server has no TimescaleDB; the partitioned layout was tested instead")
+    use_layout(monkeypatch, "partitioned" if request.param == "partitioned" else "auto")
+    run_alembic(scratch_engine, "upgrade", "head")
+    return scratch_engine
+
+
+def test_retention_steps_back_from_an_open_claim_without_stalling_anyone(any_layout):
+    """A sentiment worker scores its claimed rows for a while (the README's usage).
+
+    Retention used to take the table, wait for the claim, and deadlock the
+    worker when it marked its rows (its work rolled back), with every insert
+    queued behind it meanwhile. Now it waits a moment, gives up with a
+    retryable error, and drops the day once the claim is over.
+    """
+    from sentiment.errors import ServiceUnavailable
+    from sentiment.processing import claim_unprocessed, mark_processed
+    from sentiment.retention import LOCK_WAIT_S
+
+    _insert(any_layout, {"old40": (_days_ago(40), True), "new1": (_days_ago(0.1), False)})
+    if _is_partitioned(any_layout):
+        _keep_partitions(any_layout)
+    claimed = threading.Event()
+
+    def sentiment_worker() -> int:
+        with claim_unprocessed(limit=10, engine=any_layout) as rows:
+            claimed.set()
+            time.sleep(LOCK_WAIT_S + 2)  # the model scores the rows
+            return mark_processed([r.key for r in rows], connection=rows.connection).updated
+
+    def late_insert() -> float:
+        started = time.monotonic()
+        _insert(any_layout, {"late": (NOW, False)})
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(3) as pool:
+        worker = pool.submit(sentiment_worker)
+        assert claimed.wait(10)
+        running = pool.submit(apply_retention, 30, engine=any_layout, now=NOW)
+        _wait_for_a_lock_wait(any_layout)
+        insert_took = pool.submit(late_insert).result(timeout=30)
+        with pytest.raises(ServiceUnavailable, match="raw_events is in use"):
+            running.result(timeout=30)
+        assert worker.result(timeout=30) == 1  # marked, not deadlocked
+
+    assert insert_took < LOCK_WAIT_S + 1
+    assert len(apply_retention(30, engine=any_layout, now=NOW).dropped) == 1  # day -40
+    assert _stored(any_layout) == {"new1", "late"}
+
+
+def _is_partitioned(scratch: Engine) -> bool:
+    with scratch.connect() as conn:
+        return bool(conn.execute(text("SELECT to_regclass('raw_events_default')")).scalar())
 
 
 def _wait_for_a_lock_wait(scratch: Engine) -> None:
