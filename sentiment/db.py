@@ -9,7 +9,13 @@ from sqlalchemy import Engine, create_engine
 
 from sentiment.config import Settings, get_settings
 
-__all__ = ["get_engine", "make_engine"]
+__all__ = ["MAINTENANCE_LOCK_WAIT_S", "get_engine", "make_engine"]
+
+# How long retention and the partition keeper wait to take raw_events whole. Every
+# query that comes later queues behind such a wait, so it stays short; a
+# transaction that holds the table longer (a sentiment worker's claim) makes the
+# job step back and retry, instead of stalling inserts or deadlocking the claim.
+MAINTENANCE_LOCK_WAIT_S = 2
 
 
 def make_engine(settings: Settings) -> Engine:

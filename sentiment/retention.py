@@ -18,8 +18,8 @@ takes milliseconds. Dropping a partition needs that lock on the parent
 anyway, and taking it first, before any other, is what keeps the run out of
 deadlocks: a sentiment worker that holds a claim and then marks its rows
 would otherwise wait for the run while the run waits for it. The run waits
-at most `LOCK_WAIT_S` for the table (every query that comes after queues
-behind it meanwhile); if a transaction still holds it (a long claim), the
+at most `MAINTENANCE_LOCK_WAIT_S` for the table (every query that comes after
+queues behind it meanwhile); if a transaction still holds it (a long claim), the
 run gives up with a retryable `ServiceUnavailable` and changes nothing.
 """
 
@@ -33,15 +33,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
-from sentiment.db import get_engine
+from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine
 from sentiment.errors import ServiceUnavailable
 
-__all__ = ["LOCK_WAIT_S", "RetentionResult", "apply_retention"]
+__all__ = ["RetentionResult", "apply_retention"]
 
 log = logging.getLogger(__name__)
 
 _PARTITION = re.compile(r"raw_events_p(\d{8})")
-LOCK_WAIT_S = 2  # how long a run waits for raw_events before it steps back
 _LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
 
 
@@ -119,16 +118,17 @@ def apply_retention(
 
 
 def _lock_raw_events(conn: Connection) -> None:
-    """Take raw_events whole, waiting at most LOCK_WAIT_S (see the module doc)."""
-    conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_S}s'"))
+    """Take raw_events whole, waiting at most MAINTENANCE_LOCK_WAIT_S (see the module doc)."""
+    conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
     try:
         conn.execute(text("LOCK TABLE raw_events IN ACCESS EXCLUSIVE MODE"))
     except OperationalError as exc:
         if getattr(exc.orig, "pgcode", None) != _LOCK_NOT_AVAILABLE:
             raise
         raise ServiceUnavailable(
-            f"retention: raw_events is in use (a transaction held it for {LOCK_WAIT_S}s, such"
-            " as a sentiment worker's open claim); nothing was dropped, try again later"
+            f"retention: raw_events is in use (a transaction held it for"
+            f" {MAINTENANCE_LOCK_WAIT_S}s, such as a sentiment worker's open claim);"
+            " nothing was dropped, try again later"
         ) from None
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sentiment import pipeline, processing, retention
 from sentiment.celery_app import app
 from sentiment.config import get_settings, valid_subreddit
-from sentiment.db import get_engine
+from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine
 from sentiment.errors import (
     InvalidSubreddit,
     RedditAuthError,
@@ -232,6 +232,8 @@ def mark_processed(self: Task, keys: list[Any]) -> dict[str, int]:
 def keep_partitions(self: Task) -> dict[str, int]:
     """Create future daily partitions (plain PostgreSQL) and prune old chunk records."""
     with get_engine().begin() as conn:
+        # Creating a partition takes raw_events whole: wait briefly, else retry later.
+        conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
         created = 0
         if conn.execute(text("SELECT to_regproc('raw_events_ensure_partitions')")).scalar():
             created = conn.execute(

@@ -152,9 +152,9 @@ def test_retention_steps_back_from_an_open_claim_without_stalling_anyone(any_lay
     queued behind it meanwhile. Now it waits a moment, gives up with a
     retryable error, and drops the day once the claim is over.
     """
+    from sentiment.db import MAINTENANCE_LOCK_WAIT_S as LOCK_WAIT_S
     from sentiment.errors import ServiceUnavailable
     from sentiment.processing import claim_unprocessed, mark_processed
-    from sentiment.retention import LOCK_WAIT_S
 
     _insert(any_layout, {"old40": (_days_ago(40), True), "new1": (_days_ago(0.1), False)})
     if _is_partitioned(any_layout):

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,47 @@ def test_mark_processed_through_the_task(worker, db):
         "unknown": 1,
         "invalid": 2,
     }
+
+
+def test_the_partition_keeper_steps_back_from_an_open_claim(db, timescale):
+    """Creating a day's partition takes raw_events whole. Behind a sentiment worker's
+    long claim it used to wait up to the 30 s lock_timeout, every insert queued
+    behind it; now it waits a moment and its task retries later."""
+    import sqlalchemy.exc
+
+    from sentiment.db import MAINTENANCE_LOCK_WAIT_S
+    from sentiment.processing import claim_unprocessed
+    from sentiment.sinks.postgres import insert_batch as store
+    from sentiment.tasks import keep_partitions
+
+    if timescale:
+        pytest.skip("TimescaleDB makes its chunks itself; there is no partition keeper")
+    store(make_events(3))
+    day = datetime.now(UTC).date() + timedelta(days=3)
+    with db.begin() as conn:  # a day the keeper has to make again
+        conn.execute(text(f"DROP TABLE IF EXISTS raw_events_p{day:%Y%m%d}"))
+    claimed, release = threading.Event(), threading.Event()
+
+    def sentiment_worker() -> int:
+        with claim_unprocessed(limit=10) as rows:
+            claimed.set()
+            release.wait(30)  # the model scores the rows
+            return len(rows)
+
+    with ThreadPoolExecutor(2) as pool:
+        worker_claim = pool.submit(sentiment_worker)
+        assert claimed.wait(10)
+        started = time.monotonic()
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="lock timeout"):
+            keep_partitions()  # retried by Celery: OperationalError is transient
+        waited = time.monotonic() - started
+        release.set()
+        assert worker_claim.result(timeout=30) == 3
+
+    assert waited < MAINTENANCE_LOCK_WAIT_S + 1
+    assert keep_partitions()["partitions_created"] >= 1
+    with db.connect() as conn:
+        assert conn.execute(text(f"SELECT to_regclass('raw_events_p{day:%Y%m%d}')")).scalar()
 
 
 def _big_batch(count: int) -> dict:
