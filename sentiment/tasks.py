@@ -114,7 +114,9 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
         "started_at": started,
     }
     log.info("scraped r/%s: %d new items in %d requests", name, len(result.events), result.requests)
-    raise self.replace(chain(insert_batch.s(batch), export_csv.s()))
+    # In a worker `replace` raises (the chain inherits this task's id, so .get()
+    # waits for the export); run eagerly it runs the chain and returns its result.
+    return self.replace(chain(insert_batch.s(batch), export_csv.s()))  # type: ignore[no-any-return]
 
 
 @app.task(bind=True, name="sentiment.tasks.insert_batch", **_RETRY)

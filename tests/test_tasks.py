@@ -68,6 +68,19 @@ def test_scrape_runs_the_whole_chain_and_returns_its_summary(worker, simulator, 
     assert len(_stored_ids(db, name)) == len(_csv_ids(csv_dir)) == 488
 
 
+def test_scrape_runs_eagerly_too(simulator, db, redis_client, csv_dir):
+    """`scrape.apply(...)` (or task_always_eager, as in a notebook or a unit test):
+    the chain runs in this process and its summary comes back."""
+    name = _unique_subreddit("eager")
+    simulator.add_subreddit(name, submissions=4, comments=6)
+
+    summary = scrape.apply(args=[name]).get(timeout=60)
+
+    assert summary["subreddit"] == name
+    assert summary["inserted"] == summary["exported"] == 10
+    assert len(_csv_ids(csv_dir)) == 10
+
+
 def test_scrape_delay_from_a_python_shell(worker, simulator):
     name = _unique_subreddit("shell")
     simulator.add_subreddit(name, submissions=5, comments=5)
