@@ -68,6 +68,7 @@ task_routes = {
     "sentiment.tasks.apply_retention": {"queue": "ingest"},
     "sentiment.tasks.export_csv": {"queue": "export"},
     "sentiment.tasks.retry_exports": {"queue": "export"},
+    "sentiment.tasks.export_missing": {"queue": "export"},
 }
 
 # Flower and `sentiment status` see tasks as they move.

@@ -28,7 +28,8 @@ _BEAT_LOCK_TTL = 60
 
 def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat entries: one scrape per subreddit, the partition keeper, the retry
-    of parked CSV exports and, when RETENTION_DAYS is set, retention."""
+    of parked CSV exports, the search for missed ones and, when RETENTION_DAYS is
+    set, retention."""
     schedule: dict[str, dict[str, Any]] = {
         f"scrape-{sub.name}": {
             "task": "sentiment.tasks.scrape",
@@ -47,6 +48,11 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "task": "sentiment.tasks.retry_exports",
         "schedule": 600.0,  # parked CSV exports; a no-op (one Redis read) when there are none
         "options": {"expires": 540.0},
+    }
+    schedule["export-missing"] = {
+        "task": "sentiment.tasks.export_missing",
+        "schedule": crontab(minute=47),  # hourly: batches stored but never exported
+        "options": {"expires": 3000.0},
     }
     if settings.retention_days is not None:
         schedule["apply-retention"] = {

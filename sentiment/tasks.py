@@ -7,6 +7,7 @@
     keep_partitions()            [ingest]  hourly: future partitions (plain PostgreSQL)
     apply_retention()            [ingest]  hourly when RETENTION_DAYS is set: drop old days
     retry_exports()              [export]  every 10 minutes: CSV exports parked after failing
+    export_missing()             [export]  hourly: batches stored but never exported (lost exports)
 
 `scrape` replaces itself with the chain, so `scrape.delay("stocks").get()`
 returns the summary of the whole run. Every task is idempotent, so a
@@ -26,7 +27,7 @@ from celery import Task, chain
 from celery.utils.log import get_task_logger
 from sqlalchemy import text
 
-from sentiment import pipeline, processing, retention
+from sentiment import audit, pipeline, processing, retention
 from sentiment.celery_app import app
 from sentiment.config import get_settings, valid_subreddit
 from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine
@@ -42,6 +43,7 @@ from sentiment.sinks import postgres as pg_sink
 __all__ = [
     "apply_retention",
     "export_csv",
+    "export_missing",
     "insert_batch",
     "keep_partitions",
     "mark_processed",
@@ -228,6 +230,12 @@ def retry_exports() -> dict[str, int]:
 def mark_processed(self: Task, keys: list[Any]) -> dict[str, int]:
     """Mark rows processed: keys are [id, ISO time] pairs or bare ids; bad ones are counted."""
     return processing.mark_processed(keys).summary()
+
+
+@app.task(name="sentiment.tasks.export_missing")
+def export_missing() -> dict[str, int]:
+    """Export the batches of the last three days that are stored but not in CSV."""
+    return audit.export_missing().summary()
 
 
 @app.task(bind=True, name="sentiment.tasks.keep_partitions", **_RETRY)

@@ -6,6 +6,7 @@ from sentiment.celery_app import app
 from sentiment.tasks import (
     apply_retention,
     export_csv,
+    export_missing,
     insert_batch,
     keep_partitions,
     mark_processed,
@@ -26,6 +27,7 @@ def test_each_task_lands_in_its_own_queue():
             keep_partitions,
             apply_retention,
             retry_exports,
+            export_missing,
         )
     }
     assert {name: (q.name, q.routing_key, q.exchange.name) for name, q in routes.items()} == {
@@ -36,6 +38,7 @@ def test_each_task_lands_in_its_own_queue():
         "sentiment.tasks.keep_partitions": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.apply_retention": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.retry_exports": ("export", "export", "export"),
+        "sentiment.tasks.export_missing": ("export", "export", "export"),
     }
 
 

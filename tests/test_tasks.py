@@ -413,6 +413,28 @@ def test_beat_retries_parked_exports_every_ten_minutes(settings):
     assert entry["options"]["expires"] < 600
 
 
+def test_beat_looks_for_missed_exports_every_hour(settings):
+    from sentiment.schedule import build_beat_schedule
+
+    entry = build_beat_schedule(settings)["export-missing"]
+    assert entry["task"] == "sentiment.tasks.export_missing"
+    assert entry["options"]["expires"] < 3600
+
+
+def test_missed_exports_through_the_task(worker, db, csv_dir):
+    from sentiment.sinks.postgres import insert_batch as store
+    from sentiment.tasks import export_missing
+
+    store(make_events(6, subreddit="stocks"), batch_id="lost-export")
+    with db.begin() as conn:
+        conn.execute(text("UPDATE ingested_batches SET created_at = now() - interval '2 hours'"))
+
+    assert export_missing.delay().get(timeout=60) == {
+        "batches": 1, "missing": 1, "rows_written": 6, "failing": 0
+    }  # fmt: skip
+    assert len(_csv_ids(csv_dir)) == 6
+
+
 def test_redis_restarted_the_worker_reconnects_and_carries_on(worker, simulator, settings):
     if not settings.uses_embedded_redis:
         pytest.skip("needs the embedded Redis, which the test can restart")

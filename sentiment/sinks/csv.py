@@ -92,7 +92,7 @@ from sentiment.errors import (
 
 __all__ = [
     "COLUMNS", "KEEP_BATCHES_S", "LEDGER", "CsvLedgerCorrupt", "ExportResult", "check_csv_dir",
-    "export_events",
+    "committed_batches", "export_events",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,32 @@ def check_csv_dir(csv_dir: Path) -> Path:
         return csv_dir.resolve()
     raise ConfigError(f"CSV_DIR={csv_dir}: cannot write CSV files there ({reason}); "
                       "set CSV_DIR to a folder this user can create and write")  # fmt: skip
+
+
+def committed_batches(csv_dir: Path, subreddit: str) -> set[str]:
+    """The batch ids a subreddit's ledger has committed (for the last `KEEP_BATCHES_S`).
+
+    A read without the directory's lock, for checks: an export running meanwhile
+    may add its batch right after. A torn last line is not a commit; a line that
+    is not a record makes the ledger corrupt, as it does for an export.
+    """
+    path = csv_dir / "reddit" / valid_subreddit(subreddit) / LEDGER
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise ServiceUnavailable(f"{path}: cannot read the CSV ledger ({exc.strerror})") from exc
+    batches: set[str] = set()
+    for offset, line in enumerate(raw.split(b"\n")[:-1]):
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise CsvLedgerCorrupt(f"{path}: bad record on line {offset + 1}; move the "
+                                   "directory's CSV files and ledger aside") from None  # fmt: skip
+        if isinstance(record, dict) and isinstance(record.get("batch"), str):
+            batches.add(record["batch"])
+    return batches
 
 
 def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str) -> ExportResult:
