@@ -6,7 +6,15 @@ newest item already stored; Reddit ids are sequential base36, so "older than
 the watermark" is an integer comparison. Reddit stops every listing at about
 1,000 items: when we get there without meeting the watermark, items were
 missed (a gap), which we count and log so the subreddit can be scraped more
-often.
+often. `depth` (SCRAPE_BACKFILL_DEPTH) bounds only a first scrape; with a
+watermark we read as deep as Reddit lists.
+
+Reddit's cursor is an item: if the `after` item is removed between two pages,
+the next page comes back empty. We then page on from the next-older item of
+the page before (a few tries). If none is left, we cannot see down to the
+watermark, so we propose none: the next scrape starts from the old one again
+(what this one stored is skipped as duplicates), rather than jump over what
+lies below.
 
 The scraper knows nothing of Celery or SQL. It returns the events and the
 watermarks it *proposes*; the caller commits them only after the events are
@@ -29,14 +37,19 @@ from sentiment.errors import InvalidSubreddit, RedditError
 from sentiment.reddit.client import translate_error
 from sentiment.reddit.ids import base36_to_int
 
-__all__ = ["KINDS", "PAGE_SIZE", "Kind", "KindResult", "ScrapeResult", "scrape_subreddit"]
+__all__ = [
+    "KINDS", "LISTING_DEPTH", "PAGE_SIZE", "Kind", "KindResult", "ScrapeResult", "scrape_subreddit",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["submission", "comment"]
 KINDS: tuple[Kind, ...] = ("submission", "comment")
 _LISTING = {"submission": "new", "comment": "comments"}
+_FULLNAME = {"submission": "t3_", "comment": "t1_"}
 PAGE_SIZE = 100  # Reddit's maximum
+LISTING_DEPTH = 1000  # where Reddit stops a listing
+_CURSOR_TRIES = 3  # older items tried as `after` when Reddit lost the cursor
 
 
 @dataclass
@@ -125,21 +138,44 @@ async def _scrape_kind(
 ) -> KindResult:
     result = KindResult()
     floor = base36_to_int(watermark) if watermark else None
+    cap = depth if floor is None else max(depth, LISTING_DEPTH)
     seen: set[str] = set()
     after: str | None = None
+    cursors: list[str] = []  # the last page's items but its last, oldest last
+    tries = 0
     listed = 0
     while True:
         page = await _fetch_page(reddit, subreddit, kind, after, attempts)
         result.requests += 1
         children = page.get("children") or []
+        if not children and after is not None:
+            # The cursor was removed since the last page (or the listing ended
+            # right after a full page): go on from the next-older item we saw.
+            if cursors and tries < _CURSOR_TRIES:
+                after, tries = cursors.pop(), tries + 1
+                continue
+            log.warning(
+                "r/%s %ss: lost Reddit's cursor %d items down; the next scrape "
+                "starts from the same watermark", subreddit, kind, listed,
+                extra={"subreddit": subreddit, "kind": kind},
+            )  # fmt: skip
+            result.newest_id = None  # propose none: what lies below is unseen
+            return result
         reached = False
+        page_ids: list[str] = []
         for child in children:
             listed += 1
             item = child.get("data") if isinstance(child, dict) else None
             item_id = item.get("id") if isinstance(item, dict) else None
-            if not isinstance(item, dict) or not isinstance(item_id, str) or not item_id.isalnum():
+            if not (
+                isinstance(item, dict)
+                and isinstance(item_id, str)
+                and item_id.isascii()
+                and item_id.isalnum()
+            ):
                 result.malformed += 1
                 continue
+            page_ids.append(item_id.lower())
             number = base36_to_int(item_id.lower())
             if floor is not None and number <= floor:
                 # Stickied posts can sit out of order; only a regular item proves
@@ -157,8 +193,15 @@ async def _scrape_kind(
             if result.newest_id is None or number > base36_to_int(result.newest_id):
                 result.newest_id = event.id
         after = page.get("after")
-        if reached or not after or not children or listed >= depth:
-            result.gap = floor is not None and not reached
+        cursors = [_FULLNAME[kind] + item_id for item_id in page_ids[:-1]]
+        if reached:
+            return result
+        # Reddit ends every listing near LISTING_DEPTH items: only a listing that
+        # ends well short of that ended above the watermark with nothing missed.
+        if listed >= cap or (not after and listed > LISTING_DEPTH - PAGE_SIZE):
+            result.gap = floor is not None  # what lies below is beyond the listing
+            return result
+        if not after:
             return result
 
 

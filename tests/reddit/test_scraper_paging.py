@@ -1,0 +1,139 @@
+"""Paging edge cases of Reddit's listings that the simulator does not produce.
+
+The simulator's cursors are positions and never vanish. Reddit's are items: an
+`after` that is no longer listed (removed between two pages) gives an empty
+page (`IDBuilder._get_after` in reddit's open-sourced r2). A small fake with
+those rules stands in for Reddit here; everything else about the scraper is
+tested against the simulator in test_scraper.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from sentiment.reddit.ids import to_base36
+from sentiment.reddit.scraper import ScrapeResult, scrape_subreddit
+
+BASE = 10_000_000  # seven-digit base36 ids, like Reddit's
+
+
+class ListingReddit:
+    """Newest-first listings with Reddit's cursor rules; `removals` take items out
+    of a listing after a given request, as a moderator would between two pages."""
+
+    def __init__(self, submissions: list[int], comments: list[int] | None = None) -> None:
+        self.listed = {"new": sorted(submissions, reverse=True),
+                       "comments": sorted(comments or [], reverse=True)}  # fmt: skip
+        self.requests = {"new": 0, "comments": 0}
+        self.removals: dict[int, list[int]] = {}  # after the n-th request for /new: removed
+        self.item: Callable[[int, str], dict[str, Any]] = self._item
+
+    @staticmethod
+    def _item(number: int, listing: str) -> dict[str, Any]:
+        text = "title" if listing == "new" else "body"
+        return {"id": to_base36(number), "created_utc": 1_700_000_000 + number - BASE,
+                text: f"item {number}", "stickied": False}  # fmt: skip
+
+    async def request(self, *, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        listing = path.rsplit("/", 1)[1]
+        prefix = "t3_" if listing == "new" else "t1_"
+        numbers = self.listed[listing]
+        page: list[int] = []
+        if (after := params.get("after")) is None:
+            page = numbers[: params["limit"]]
+        elif (anchor := int(after.removeprefix(prefix), 36)) in numbers:
+            start = numbers.index(anchor) + 1
+            page = numbers[start : start + params["limit"]]
+        self.requests[listing] += 1
+        if listing == "new":
+            for number in self.removals.get(self.requests["new"], []):
+                self.listed["new"].remove(number)
+        full = len(page) == params["limit"]
+        return {"data": {
+            "children": [{"kind": prefix[:2], "data": self.item(n, listing)} for n in page],
+            "after": f"{prefix}{to_base36(page[-1])}" if full else None,
+        }}  # fmt: skip
+
+
+def _scrape(reddit: ListingReddit, watermark: int | None, depth: int = 1000) -> ScrapeResult:
+    marks = {"submission": to_base36(watermark)} if watermark else {}
+    return asyncio.run(scrape_subreddit(reddit, "somesub", marks, depth=depth, attempts=1))  # type: ignore[arg-type]
+
+
+def _numbers(result: ScrapeResult) -> set[int]:
+    return {int(e.id, 36) for e in result.events if e.event_type == "submission"}
+
+
+def test_a_cursor_removed_between_two_pages_loses_nothing():
+    watermark = BASE + 100
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 351)))  # 250 newer than the watermark
+    reddit.removals = {1: [BASE + 251]}  # page 1's last item, the next page's `after`
+
+    result = _scrape(reddit, watermark)
+
+    assert _numbers(result) == set(range(BASE + 101, BASE + 351))  # 251 was on page 1
+    assert result.gaps == []
+    assert result.watermarks["submission"] == to_base36(BASE + 350)
+
+
+def test_when_no_cursor_is_left_the_watermark_stays_and_the_next_scrape_gets_the_rest():
+    watermark = BASE + 100
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 351)))
+    reddit.removals = {n: [BASE + 250 + n] for n in range(1, 10)}  # every cursor it tries, in turn
+
+    first = _scrape(reddit, watermark)
+    second = _scrape(reddit, int(first.watermarks.get("submission", to_base36(watermark)), 36))
+
+    assert "submission" not in first.watermarks  # it could not see down to the watermark
+    still_listed = {n for n in reddit.listed["new"] if n > watermark}
+    assert still_listed <= _numbers(first) | _numbers(second)  # nothing jumped over
+    assert second.watermarks["submission"] == to_base36(BASE + 350)
+
+
+def test_the_backfill_depth_does_not_cut_an_incremental_scrape():
+    watermark = BASE + 100
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 251)))  # 150 new, all listed
+
+    result = _scrape(reddit, watermark, depth=100)  # SCRAPE_BACKFILL_DEPTH=100
+
+    assert _numbers(result) == set(range(BASE + 101, BASE + 251))
+    assert result.gaps == []
+
+
+def test_the_backfill_depth_still_bounds_a_first_scrape():
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 251)))
+
+    result = _scrape(reddit, None, depth=100)
+
+    assert len(_numbers(result)) == 100
+    assert result.requests == 2  # one page of submissions, one of comments
+
+
+def test_a_listing_that_ends_above_the_watermark_is_no_gap():
+    """A quiet subreddit whose watermark post was removed and nothing older is
+    listed, or only a stickied one: nothing was missed, and no gap is reported."""
+    reddit = ListingReddit([BASE + 1, BASE + 5])
+    sticky = reddit.item
+    reddit.item = lambda n, listing: {**sticky(n, listing), "stickied": n == BASE + 1}
+
+    result = _scrape(reddit, BASE + 3)
+
+    assert _numbers(result) == {BASE + 5}
+    assert result.gaps == []
+    assert result.requests == 2
+
+
+def test_an_id_with_non_ascii_letters_is_malformed_not_fatal():
+    reddit = ListingReddit([BASE + 1, BASE + 2])
+    plain = reddit.item
+    reddit.item = lambda n, listing: {
+        **plain(n, listing),
+        **({"id": "abc\u00e9"} if n == BASE + 2 else {}),
+    }
+
+    result = _scrape(reddit, None)
+
+    assert result.malformed == 1
+    assert _numbers(result) == {BASE + 1}
