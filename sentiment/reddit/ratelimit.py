@@ -13,7 +13,8 @@ between worker machines).
 * `observe` corrects the window from each response: the server's reset time
   aligns our window with Reddit's, and its `remaining` can only lower ours
   (minus requests other processes still have in flight). A header that
-  belongs to an older window is ignored.
+  belongs to an older window is ignored, and one read late (a slow response)
+  is not taken for a newer window's.
 * A 429 empties the window: every process waits until Reddit's reset.
 """
 
@@ -64,7 +65,7 @@ return {1, '0'}
 _OBSERVE = """
 local key = KEYS[1]
 local hdr_remaining, hdr_reset, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local limited = ARGV[4] == '1'
+local limited, window = ARGV[4] == '1', tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local s = redis.call('HMGET', key, 'window_end', 'remaining', 'inflight', 'aligned')
@@ -85,12 +86,16 @@ if aligned and window_end ~= nil and server_end < window_end - margin - 1 then
   return 0  -- a response from a window that has already closed
 end
 local allowed
-if aligned and remaining ~= nil and math.abs(server_end - window_end) <= margin + 1 then
+if aligned and remaining ~= nil and server_end <= window_end + window / 2 then
   -- Same window. Our count already includes every grant, in flight or not;
   -- the server seeing fewer left means someone outside this limiter spent
-  -- budget: then trust it, minus what we still have in flight.
+  -- budget: then trust it, minus what we still have in flight. Reddit stamps
+  -- its headers when it takes a request, so a response read late computes a
+  -- later end than the window's: every estimate ends at or after the real
+  -- end, and the earliest is the best.
   allowed = remaining
   if hdr_remaining < remaining then allowed = math.max(0, hdr_remaining - others) end
+  server_end = math.min(server_end, window_end)
 else
   -- Our window was a guess (or the server is already in a later one).
   allowed = math.max(0, hdr_remaining - others)
@@ -157,6 +162,7 @@ class SharedRateLimiter:
                 reset or "nil",
                 _RESET_MARGIN_S,
                 "1" if status == 429 else "0",
+                self.window_seconds,
             ],
         )
 

@@ -99,6 +99,46 @@ def test_the_server_can_only_lower_what_is_left(settings, redis_client):
     assert asyncio.run(run()) == [40, 39]
 
 
+def test_a_response_read_late_neither_raises_the_count_nor_hides_later_headers(
+    settings, redis_client
+):
+    """Reddit stamps its headers when it takes a request; a slow response is read
+    seconds later, so its reset looks like a later window's. It used to reset our
+    count from its stale `remaining` (30 grants too many here) and then make every
+    correct header of the window look like an older window's."""
+
+    async def run() -> tuple[int, int]:
+        redis = AsyncRedis.from_url(settings.redis_connection_url())
+        limiter = SharedRateLimiter(redis, "late-test", limit=100, window_seconds=60)
+        reddit_end = time.time() + 50.5  # where Reddit's fixed window ends
+        used = 0  # what Reddit has counted
+
+        def stamped() -> dict[str, str]:  # the headers of a request Reddit takes now
+            nonlocal used
+            used += 1
+            return {"x-ratelimit-remaining": f"{100 - used:.1f}",
+                    "x-ratelimit-reset": str(math.ceil(reddit_end - time.time()))}  # fmt: skip
+
+        await limiter.acquire()
+        await limiter.observe(stamped(), status=200)
+        await limiter.acquire()
+        slow = stamped()  # this response takes 3 s to arrive
+        for _ in range(30):  # meanwhile, quick ones
+            await limiter.acquire()
+            await limiter.observe(stamped(), status=200)
+        await asyncio.sleep(3)
+        await limiter.observe(slow, status=200)
+        for _ in range(5):
+            await limiter.acquire()
+            await limiter.observe(stamped(), status=200)
+        ours = (await limiter.state()).remaining
+        await redis.aclose()
+        return ours or 0, 100 - used
+
+    ours, reddits = asyncio.run(run())
+    assert ours <= reddits
+
+
 def test_the_client_id_never_reaches_redis(settings, redis_client):
     async def touch() -> None:
         redis = AsyncRedis.from_url(settings.redis_connection_url())
