@@ -169,8 +169,8 @@ def committed_batches(csv_dir: Path, subreddit: str) -> set[str]:
     """The batch ids a subreddit's ledger has committed (for the last `KEEP_BATCHES_S`).
 
     A read without the directory's lock, for checks: an export running meanwhile
-    may add its batch right after. A torn last line is not a commit; a line that
-    is not a record makes the ledger corrupt, as it does for an export.
+    may add its batch right after. It parses as an export does (a torn last line
+    is no commit, a bad record makes the ledger corrupt) but changes nothing.
     """
     path = csv_dir / "reddit" / valid_subreddit(subreddit) / LEDGER
     try:
@@ -179,16 +179,7 @@ def committed_batches(csv_dir: Path, subreddit: str) -> set[str]:
         return set()
     except OSError as exc:
         raise ServiceUnavailable(f"{path}: cannot read the CSV ledger ({exc.strerror})") from exc
-    batches: set[str] = set()
-    for offset, line in enumerate(raw.split(b"\n")[:-1]):
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise CsvLedgerCorrupt(f"{path}: bad record on line {offset + 1}; move the "
-                                   "directory's CSV files and ledger aside") from None  # fmt: skip
-        if isinstance(record, dict) and isinstance(record.get("batch"), str):
-            batches.add(record["batch"])
-    return batches
+    return _parse_ledger(path, raw, fd=-1).batches
 
 
 def export_events(events: Sequence[RawEventDTO], *, csv_dir: Path, batch_id: str) -> ExportResult:
@@ -459,6 +450,16 @@ def _open_ledger(directory: Path, dir_fd: int) -> _Ledger:
 
 def _read_ledger(path: Path, fd: int) -> _Ledger:
     raw = os.pread(fd, os.fstat(fd).st_size, 0)
+    ledger = _parse_ledger(path, raw, fd)
+    if ledger.length < len(raw):  # a commit torn by a crash: it never happened
+        log.warning("csv export: %s: dropping a torn commit record", path)
+        os.ftruncate(fd, ledger.length)
+    return ledger
+
+
+def _parse_ledger(path: Path, raw: bytes, fd: int) -> _Ledger:
+    """The ledger in `raw`, up to its last complete line (`length`); CsvLedgerCorrupt
+    if a complete line is not a valid record."""
     ledger = _Ledger(fd)
     old = time.time() - KEEP_BATCHES_S
     pos = 0
@@ -471,9 +472,6 @@ def _read_ledger(path: Path, fd: int) -> _Ledger:
             ) from None
         pos = newline + 1
     ledger.length = pos
-    if pos < len(raw):  # a commit torn by a crash: it never happened
-        log.warning("csv export: %s: dropping a torn commit record", path)
-        os.ftruncate(fd, pos)
     return ledger
 
 
