@@ -176,7 +176,7 @@ async def _scrape_kind(
                 result.malformed += 1
                 continue
             page_ids.append(item_id.lower())
-            number = base36_to_int(item_id.lower())
+            number = base36_to_int(page_ids[-1])
             if floor is not None and number <= floor:
                 # Stickied posts can sit out of order; only a regular item proves
                 # we have reached what we already have.
