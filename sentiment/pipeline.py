@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpraw
@@ -152,9 +153,17 @@ def _runtime(settings: Settings) -> _Runtime:
 
 
 def fetch(subreddit: str) -> ScrapeResult:
-    """Scrape `subreddit` from its watermarks (they are advanced later, once stored)."""
+    """Scrape `subreddit` from its watermarks (they are advanced later, once stored).
+
+    With RETENTION_DAYS set, nothing older than retention keeps is fetched: after a
+    Redis flush, a subreddit whose rows retention dropped has no watermark left
+    anywhere, and its backfill must not store (and export) those items again.
+    """
     settings = get_settings()
     marks = Watermarks(get_redis(), get_engine()).get(subreddit, KINDS)
+    not_before = None
+    if settings.retention_days is not None:
+        not_before = datetime.now(UTC) - timedelta(days=settings.retention_days)
     runtime = _runtime(settings)
     return runtime.loop.run_until_complete(
         scrape_subreddit(
@@ -163,6 +172,7 @@ def fetch(subreddit: str) -> ScrapeResult:
             marks,
             depth=settings.scrape_backfill_depth,
             attempts=settings.reddit_max_attempts,
+            not_before=not_before,
         )
     )
 

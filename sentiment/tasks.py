@@ -186,6 +186,7 @@ def _export(batch: dict[str, Any]) -> dict[str, Any]:
         "exported": exported.written + exported.skipped,
         "gaps": batch["gaps"],
         "malformed": batch["malformed"],
+        "too_old": batch.get("too_old", 0),  # absent from batches made before it existed
         "requests": batch["requests"],
         "seconds": round(time.time() - batch["started_at"], 3),
     }

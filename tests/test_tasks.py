@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from sentiment import pipeline
 from sentiment.tasks import export_csv, insert_batch, mark_processed, scrape
+from tests.conftest import _free_port
 from tests.factories import make_events
 from tests.processes import ROOT
 
@@ -565,3 +566,34 @@ def _reachable(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_with_retention_a_scrape_stores_nothing_retention_would_drop(
+    db, redis_client, csv_dir, monkeypatch
+):
+    """RETENTION_DAYS=30: a scrape without a watermark (a first one, or after Redis was
+    flushed once retention had emptied the subreddit) stops at the horizon."""
+    from sentiment.reddit.simulator import Simulator, SimulatorThread
+
+    # A simulator of its own: the shared one never creates items older than its last.
+    sim = Simulator(seed=11, requests_per_window=None, history_seconds=40 * 86400)
+    name = _unique_subreddit("retained")
+    sim.add_subreddit(name, submissions=40, comments=40)
+    with SimulatorThread(sim, port=_free_port()) as url:
+        configured = pipeline.get_settings().model_copy(
+            update={"retention_days": 30, "reddit_oauth_url": url, "reddit_url": url}
+        )
+        monkeypatch.setattr(pipeline, "get_settings", lambda: configured)
+        monkeypatch.setattr(pipeline, "_runtimes", {})  # a client for this simulator
+
+        summary = scrape.apply(args=[name]).get(timeout=60)
+
+    horizon = datetime.now(UTC) - timedelta(days=30)
+    with db.connect() as conn:
+        oldest = conn.execute(
+            text("SELECT min(occurred_at) FROM raw_events WHERE source_id = :s"), {"s": name}
+        ).scalar_one()
+    assert oldest >= horizon - timedelta(minutes=1)
+    assert summary["too_old"] >= 2  # at least one a kind: where paging stopped
+    assert 50 <= summary["inserted"] <= 62  # ~30 of 40 days of each kind
+    assert summary["exported"] == summary["inserted"] == len(_csv_ids(csv_dir))

@@ -7,7 +7,10 @@ the watermark" is an integer comparison. Reddit stops every listing at about
 1,000 items: when we get there without meeting the watermark, items were
 missed (a gap), which we count and log so the subreddit can be scraped more
 often. `depth` (SCRAPE_BACKFILL_DEPTH) bounds only a first scrape; with a
-watermark we read as deep as Reddit lists.
+watermark we read as deep as Reddit lists. `not_before` (now minus
+RETENTION_DAYS) is a floor in time: older items are skipped and counted, and
+paging stops at the first one, so a scrape without a watermark never stores
+again what retention dropped.
 
 Reddit's cursor is an item: if the `after` item is removed between two pages,
 the next page comes back empty. We then page on from the next-older item of
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import asyncpraw
@@ -60,6 +64,7 @@ class KindResult:
     requests: int = 0
     gap: bool = False
     malformed: int = 0
+    too_old: int = 0  # older than `not_before`
     newest_id: str | None = None
 
 
@@ -73,6 +78,7 @@ class ScrapeResult:
     gaps: list[str]
     malformed: int
     watermarks: dict[str, str]  # kind -> newest id seen, to commit once stored
+    too_old: int = 0  # listed, but older than `not_before`: skipped
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -81,6 +87,7 @@ class ScrapeResult:
             "requests": self.requests,
             "gaps": len(self.gaps),
             "malformed": self.malformed,
+            "too_old": self.too_old,
         }
 
 
@@ -91,8 +98,10 @@ async def scrape_subreddit(
     *,
     depth: int = 1000,
     attempts: int = 5,
+    not_before: datetime | None = None,
 ) -> ScrapeResult:
-    """Fetch every submission and comment newer than `watermarks` (kind -> id).
+    """Fetch every submission and comment newer than `watermarks` (kind -> id)
+    and, if given, created at or after `not_before`.
 
     Without a watermark (first run) it backfills up to `depth` items a kind.
     """
@@ -102,7 +111,15 @@ async def scrape_subreddit(
         raise InvalidSubreddit(str(exc)) from None
     results = await asyncio.gather(
         *(
-            _scrape_kind(reddit, name, kind, watermarks.get(kind), depth=depth, attempts=attempts)
+            _scrape_kind(
+                reddit,
+                name,
+                kind,
+                watermarks.get(kind),
+                depth=depth,
+                attempts=attempts,
+                not_before=not_before,
+            )
             for kind in KINDS
         )
     )
@@ -124,6 +141,7 @@ async def scrape_subreddit(
         gaps=[k for k, r in by_kind.items() if r.gap],
         malformed=sum(r.malformed for r in results),
         watermarks={k: r.newest_id for k, r in by_kind.items() if r.newest_id is not None},
+        too_old=sum(r.too_old for r in results),
     )
 
 
@@ -135,15 +153,15 @@ async def _scrape_kind(
     *,
     depth: int,
     attempts: int,
+    not_before: datetime | None,
 ) -> KindResult:
-    result = KindResult()
     floor = base36_to_int(watermark) if watermark else None
+    reader = _PageReader(subreddit, kind, floor, not_before)
+    result = reader.result
     cap = depth if floor is None else max(depth, LISTING_DEPTH)
-    seen: set[str] = set()
     after: str | None = None
     cursors: list[str] = []  # the last page's items but its last, oldest last
     tries = 0
-    listed = 0
     while True:
         page = await _fetch_page(reddit, subreddit, kind, after, attempts)
         result.requests += 1
@@ -156,15 +174,45 @@ async def _scrape_kind(
                 continue
             log.warning(
                 "r/%s %ss: lost Reddit's cursor %d items down; the next scrape "
-                "starts from the same watermark", subreddit, kind, listed,
+                "starts from the same watermark", subreddit, kind, reader.listed,
                 extra={"subreddit": subreddit, "kind": kind},
             )  # fmt: skip
             result.newest_id = None  # propose none: what lies below is unseen
             return result
+        reached, page_ids = reader.take(children)
+        after = page.get("after")
+        cursors = [_FULLNAME[kind] + item_id for item_id in page_ids[:-1]]
+        if reached:
+            return result
+        # Reddit ends every listing near LISTING_DEPTH items: only a listing that
+        # ends well short of that ended above the watermark with nothing missed.
+        if reader.listed >= cap or (not after and reader.listed > LISTING_DEPTH - PAGE_SIZE):
+            result.gap = floor is not None  # what lies below is beyond the listing
+            return result
+        if not after:
+            return result
+
+
+@dataclass
+class _PageReader:
+    """One kind's listing, page by page: keeps what is new, knows where to stop."""
+
+    subreddit: str
+    kind: Kind
+    floor: int | None  # the watermark as a number
+    not_before: datetime | None
+    result: KindResult = field(default_factory=KindResult)
+    seen: set[str] = field(default_factory=set)
+    listed: int = 0
+
+    def take(self, children: list[Any]) -> tuple[bool, list[str]]:
+        """Keep a page's new items. Return whether it reached what needs no reading
+        (the watermark, or an item older than `not_before`), and its ids in order."""
+        result = self.result
         reached = False
         page_ids: list[str] = []
         for child in children:
-            listed += 1
+            self.listed += 1
             item = child.get("data") if isinstance(child, dict) else None
             item_id = item.get("id") if isinstance(item, dict) else None
             if not (
@@ -177,32 +225,26 @@ async def _scrape_kind(
                 continue
             page_ids.append(item_id.lower())
             number = base36_to_int(page_ids[-1])
-            if floor is not None and number <= floor:
+            if self.floor is not None and number <= self.floor:
                 # Stickied posts can sit out of order; only a regular item proves
                 # we have reached what we already have.
                 reached = reached or not item.get("stickied", False)
                 continue
-            if item_id in seen:  # repeated across a page boundary
+            if item_id in self.seen:  # repeated across a page boundary
                 continue
-            seen.add(item_id)
-            event = _to_event(item, subreddit, kind)
+            self.seen.add(item_id)
+            event = _to_event(item, self.subreddit, self.kind)
             if event is None:
                 result.malformed += 1
+                continue
+            if self.not_before is not None and event.occurred_at < self.not_before:
+                result.too_old += 1  # newest first: what follows is older still
+                reached = reached or not item.get("stickied", False)
                 continue
             result.events.append(event)
             if result.newest_id is None or number > base36_to_int(result.newest_id):
                 result.newest_id = event.id
-        after = page.get("after")
-        cursors = [_FULLNAME[kind] + item_id for item_id in page_ids[:-1]]
-        if reached:
-            return result
-        # Reddit ends every listing near LISTING_DEPTH items: only a listing that
-        # ends well short of that ended above the watermark with nothing missed.
-        if listed >= cap or (not after and listed > LISTING_DEPTH - PAGE_SIZE):
-            result.gap = floor is not None  # what lies below is beyond the listing
-            return result
-        if not after:
-            return result
+        return reached, page_ids
 
 
 async def _fetch_page(

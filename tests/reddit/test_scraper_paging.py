@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from sentiment.reddit.ids import to_base36
@@ -57,9 +58,13 @@ class ListingReddit:
         }}  # fmt: skip
 
 
-def _scrape(reddit: ListingReddit, watermark: int | None, depth: int = 1000) -> ScrapeResult:
+def _scrape(
+    reddit: ListingReddit, watermark: int | None, depth: int = 1000, **kwargs: Any
+) -> ScrapeResult:
     marks = {"submission": to_base36(watermark)} if watermark else {}
-    return asyncio.run(scrape_subreddit(reddit, "somesub", marks, depth=depth, attempts=1))  # type: ignore[arg-type]
+    return asyncio.run(
+        scrape_subreddit(reddit, "somesub", marks, depth=depth, attempts=1, **kwargs)
+    )  # type: ignore[arg-type]
 
 
 def _numbers(result: ScrapeResult) -> set[int]:
@@ -137,3 +142,36 @@ def test_an_id_with_non_ascii_letters_is_malformed_not_fatal():
 
     assert result.malformed == 1
     assert _numbers(result) == {BASE + 1}
+
+
+def _at(number: int) -> datetime:
+    """When the fake listing's item `number` was created."""
+    return datetime.fromtimestamp(1_700_000_000 + number - BASE, tz=UTC)
+
+
+def test_items_older_than_not_before_are_skipped_and_paging_stops_there():
+    """RETENTION_DAYS: a first scrape (or one after Redis was flushed, with retention
+    having emptied the subreddit) must not store again what retention dropped."""
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 501)))
+    sticky = reddit.item
+    # An old stickied post sits at the top of the listing: it is skipped, not an end.
+    reddit.listed["new"].insert(0, BASE + 2)
+    reddit.item = lambda n, listing: {**sticky(n, listing), "stickied": n == BASE + 2}
+
+    result = _scrape(reddit, None, not_before=_at(BASE + 450))
+
+    assert _numbers(result) == set(range(BASE + 450, BASE + 501))
+    assert result.too_old >= 2  # the stickied one and the first one below the horizon
+    assert result.summary()["too_old"] == result.too_old
+    assert result.gaps == []
+    assert reddit.requests["new"] == 1  # the first page already went below the horizon
+    assert result.watermarks == {"submission": to_base36(BASE + 500)}
+
+
+def test_not_before_does_not_cut_what_lies_above_it():
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 251)))
+
+    result = _scrape(reddit, None, not_before=_at(BASE))
+
+    assert _numbers(result) == set(range(BASE + 1, BASE + 251))
+    assert result.too_old == 0
