@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine, text
 
 from sentiment.dto import RawEventDTO, dump_events, load_events
+from sentiment.errors import ServiceUnavailable
 from sentiment.sinks.postgres import insert_batch, stored_new_events
 from tests.factories import make_event, make_events, make_poison
 
@@ -153,8 +154,6 @@ def test_two_poison_records_in_a_large_batch(db):
 def test_database_down_raises_a_retryable_error(settings):
     from sqlalchemy import create_engine
 
-    from sentiment.errors import ServiceUnavailable
-
     unreachable = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(ServiceUnavailable) as caught:
         insert_batch(make_events(3), engine=unreachable)
@@ -203,6 +202,42 @@ def test_a_batch_cut_short_then_run_with_another_chunk_size_hands_on_all_its_row
     assert sorted(e.key for e in again.new) == sorted(e.key for e in batch)
     assert again.duplicates == 0
     assert sorted(e.key for e in stored_new_events("cut")) == sorted(e.key for e in batch)
+
+
+def test_a_batch_split_in_chunks_commits_its_oldest_items_first(db, monkeypatch):
+    """A batch of several chunks that dies part-way, and then loses its watermarks and
+    its blob with Redis: the watermarks' database fallback takes the newest id stored,
+    and the next scrape fetches only what is newer. So the chunks that committed must
+    hold the oldest items of each kind, whatever order the batch came in."""
+    from sentiment.sinks import postgres as pg_sink
+
+    now = datetime.now(UTC)
+    kinds = {
+        kind: [make_event(event_type=kind, occurred_at=now - timedelta(seconds=60 - i))
+               for i in range(15)]  # oldest first
+        for kind in ("submission", "comment")
+    }  # fmt: skip
+    batch = kinds["submission"][::-1] + kinds["comment"][::-1]  # as the scraper lists them
+    real_copy, copies = pg_sink._copy_direct, []
+
+    def dies_on_the_third_chunk(*args):  # type: ignore[no-untyped-def]
+        copies.append(args)
+        if len(copies) == 3:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real_copy(*args)
+
+    monkeypatch.setattr(pg_sink, "_copy_direct", dies_on_the_third_chunk)
+    with pytest.raises(ServiceUnavailable):
+        insert_batch(batch, batch_id="split", chunk_size=8)
+    stored = {event_id for event_id, _ in _stored_keys(db)}
+
+    assert len(stored) == 16
+    for events in kinds.values():
+        ids = [e.id for e in events]
+        assert [i for i in ids if i in stored] == ids[: len(stored & set(ids))]
+    monkeypatch.setattr(pg_sink, "_copy_direct", real_copy)
+    again = insert_batch(batch, batch_id="split", chunk_size=8)
+    assert sorted(e.key for e in again.new) == sorted(e.key for e in batch)
 
 
 def test_a_rejected_record_is_quarantined_once_across_reruns(db):
@@ -254,10 +289,12 @@ def test_a_new_batch_is_copied_straight_in_and_returned_whole(db, paths):
     assert {e.key for e in result.new} == {e.key for e in events}
     assert (result.duplicates, result.rejected) == (0, 0)
     assert sorted(_stored_keys(db)) == sorted(e.key for e in events)
-    # Each chunk's rows come back in the order they were written: (id, occurred_at).
+    # Chunks are cut from the batch oldest first (Reddit's id order), and each chunk's
+    # rows come back in the order they were written: (id, occurred_at).
+    oldest_first = sorted(events, key=lambda e: (len(e.id), e.id))
     for start in range(0, len(events), 100):
         chunk_keys = [e.key for e in result.new[start : start + 100]]
-        assert chunk_keys == sorted(e.key for e in events[start : start + 100])
+        assert chunk_keys == sorted(e.key for e in oldest_first[start : start + 100])
 
 
 def test_some_rows_stored_falls_back_to_the_stage_path_and_returns_exactly_the_new(db, paths):
@@ -311,8 +348,9 @@ def test_after_stored_rows_a_chunk_of_only_new_rows_brings_the_copy_back(db, pat
 
 
 def test_poison_in_a_chunk_after_direct_copies_is_quarantined_and_the_rest_stored(db, paths):
-    good = make_events(150)
-    poison = make_poison(event_id="zzz997", payload={"title": "bad\x00byte"})
+    good = make_events(151)
+    # Chunks are cut oldest first: the poison takes a place in the middle chunk.
+    poison = make_poison(event_id=good.pop(75).id, payload={"title": "bad\x00byte"})
     batch = good[:75] + [poison] + good[75:]
 
     first = insert_batch(batch, batch_id="poisoned", chunk_size=50)
@@ -327,7 +365,7 @@ def test_poison_in_a_chunk_after_direct_copies_is_quarantined_and_the_rest_store
     assert sorted(_stored_keys(db)) == sorted(e.key for e in good)
     with db.connect() as conn:
         rejected = conn.execute(text("SELECT event_id, reason FROM rejected_events")).all()
-    assert [r.event_id for r in rejected] == ["zzz997"]
+    assert [r.event_id for r in rejected] == [poison.id]
     assert "\\u0000 cannot be converted to text" in rejected[0].reason
 
 
