@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Identity, Index, MetaData, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Identity,
+    Index,
+    MetaData,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -76,6 +86,9 @@ class RejectedEvent(Base):
     # or a lone surrogate that the database refused survives here as text.
     record: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[utc_now]
+
+    # Once per record, however often a re-run or a re-scrape offers it again.
+    __table_args__ = (UniqueConstraint("event_id", "occurred_at"),)
 
 
 class IngestedBatch(Base):

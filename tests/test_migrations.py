@@ -127,3 +127,31 @@ def test_hypertable_upgrade_check_downgrade(scratch_engine, monkeypatch, timesca
     run_alembic(scratch_engine, "downgrade", "base")
     assert _tables(scratch_engine) == {"alembic_version"}
     run_alembic(scratch_engine, "upgrade", "head")
+
+
+def test_0003_keeps_the_first_of_repeated_rejections(scratch_engine, monkeypatch):
+    use_layout(monkeypatch, "partitioned")
+    run_alembic(scratch_engine, "upgrade", "0002")
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    with scratch_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO rejected_events (event_id, source_id, occurred_at, reason, record)"
+                " VALUES (:id, 'stocks', :at, :reason, '{}')"
+            ),
+            [
+                {"id": "a1", "at": at, "reason": "first"},
+                {"id": "a1", "at": at, "reason": "second"},
+                {"id": "a1", "at": at + timedelta(seconds=1), "reason": "another time"},
+                {"id": "b2", "at": at, "reason": "another record"},
+            ],
+        )
+
+    run_alembic(scratch_engine, "upgrade", "head")
+
+    with scratch_engine.connect() as conn:
+        kept = conn.execute(text("SELECT event_id, reason FROM rejected_events ORDER BY id")).all()
+    assert [tuple(row) for row in kept] == [
+        ("a1", "first"), ("a1", "another time"), ("b2", "another record"),
+    ]  # fmt: skip
+    run_alembic(scratch_engine, "downgrade", "0002")

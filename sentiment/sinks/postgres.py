@@ -117,6 +117,7 @@ VALUES (%s, %s, %s, %s, %s)
 _REJECT = """
 INSERT INTO rejected_events (event_id, source_id, occurred_at, reason, record)
 VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (event_id, occurred_at) DO NOTHING
 """
 
 

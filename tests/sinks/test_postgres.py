@@ -253,6 +253,24 @@ def test_a_rejected_record_is_quarantined_once_across_reruns(db):
         assert conn.execute(text("SELECT count(*) FROM rejected_events")).scalar() == 1
 
 
+def test_a_rejected_record_is_kept_once_however_often_it_comes_back(db):
+    """A re-run with another chunk size, and the same record in a later batch (a
+    redelivered scrape): one row in rejected_events, not one per attempt."""
+    poison = make_poison(event_id="zzz996")
+    batch = [*make_events(20), poison]
+
+    runs = [
+        insert_batch(batch, batch_id="again", chunk_size=50),
+        insert_batch(batch, batch_id="again", chunk_size=8),
+        insert_batch(batch, batch_id="later"),
+    ]
+
+    assert [run.rejected for run in runs] == [1, 1, 1]
+    with db.connect() as conn:
+        rows = conn.execute(text("SELECT event_id FROM rejected_events")).scalars().all()
+    assert rows == ["zzz996"]
+
+
 # -- which path stored a chunk: the direct COPY, or the stage table ----------------------
 
 
