@@ -22,8 +22,13 @@ simulator's default text sizes (200-1800 characters of body).
                no objects built; same concurrency (two kinds at once, subreddits
                in turn), same stop rule (no `after`, or `depth` items listed).
 
-Each timed pass starts with a warm client (token and connection ready). The
-passes are interleaved (a round runs each once, in rotating order) so a noisy
+Each timed pass starts with a warm client (token and connection ready), and
+ends, inside its timer, with a full `gc.collect()`: every pass pays for the
+collection of its own garbage, none for the one before it (a pass that keeps
+the collector off while it runs would otherwise leave its work to the next).
+What the clients hold before the first pass is frozen (`gc.freeze()`, as the
+worker does after start-up), so that final collection only covers the pass's
+own objects. The passes are interleaved (a round runs each once, in rotating order) so a noisy
 neighbour hits all of them alike; rates are the median of --repeat rounds.
 Target: scraper / ceiling >= 0.8.
 
@@ -313,6 +318,8 @@ async def scraper_pass(client: ScraperClient, subreddits: list[str], depth: int)
         result = await client.scrape(name, {}, depth)
         items += len(result.events)
         requests += result.requests
+    del result
+    gc.collect()  # this pass's garbage, paid by this pass
     return Pass(items, requests, time.perf_counter() - wall0, time.process_time() - cpu0)
 
 
@@ -398,6 +405,7 @@ async def ceiling_pass(client: CeilingClient, subreddits: list[str], depth: int)
         for listed, sent in await asyncio.gather(*(client.kind(name, k, depth) for k in KINDS)):
             items += listed
             requests += sent
+    gc.collect()  # this pass's garbage, paid by this pass
     return Pass(items, requests, time.perf_counter() - wall0, time.process_time() - cpu0)
 
 
@@ -684,6 +692,8 @@ async def timed_rounds(
 ) -> Results:
     """Every client once per round, in rotating order; every pass must list every item."""
     results = Results({name: [] for name in clients})
+    gc.collect()
+    gc.freeze()  # the clients, modules and world: not collected again in every pass
     expected = len(subreddits) * len(KINDS) * min(args.items, args.depth)
     names = list(clients)
     for run in range(1, args.repeat + 1):
