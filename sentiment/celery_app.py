@@ -6,7 +6,7 @@ import gc
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from sentiment.errors import ConfigError
 
@@ -25,6 +25,14 @@ def _freeze_start_up_objects(**_: Any) -> None:
     triggers, traverses them all again (CPython's documented use of gc.freeze).
     """
     gc.freeze()
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _close_reddit(**_: Any) -> None:
+    """Close the pool process's Reddit client and its connections on the way out."""
+    from sentiment import pipeline
+
+    pipeline.close_runtime()
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     reddit_max_attempts: int = Field(5, ge=1, le=20)
     reddit_timeout_seconds: float = Field(16.0, gt=0, le=300)
     scrape_backfill_depth: int = Field(1000, ge=100, le=1000)
+    # Reddit lists some items late: those created this long before the watermark
+    # are looked at again on the page that reaches it (0: never).
+    scrape_lookback_seconds: int = Field(300, ge=0, le=86_400)
 
     # What to scrape, and how often.
     subreddits: Annotated[list[SubredditSchedule], NoDecode] = Field(default_factory=list)

@@ -152,6 +152,18 @@ def _runtime(settings: Settings) -> _Runtime:
     return _runtimes[pid]
 
 
+def close_runtime() -> None:
+    """Close this process's Reddit client, limiter connection and loop, if it made them."""
+    runtime = _runtimes.pop(os.getpid(), None)
+    if runtime is None:
+        return
+    try:
+        runtime.loop.run_until_complete(runtime.reddit.close())
+        runtime.loop.run_until_complete(runtime.limiter.close())
+    finally:
+        runtime.loop.close()
+
+
 def fetch(subreddit: str) -> ScrapeResult:
     """Scrape `subreddit` from its watermarks (they are advanced later, once stored).
 
@@ -173,6 +185,7 @@ def fetch(subreddit: str) -> ScrapeResult:
             depth=settings.scrape_backfill_depth,
             attempts=settings.reddit_max_attempts,
             not_before=not_before,
+            lookback=settings.scrape_lookback_seconds,
         )
     )
 

@@ -88,7 +88,8 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
         return {"subreddit": name, "skipped": f"another scrape of r/{name} is in progress"}
     try:
         result = pipeline.fetch(name)
-        ref = pipeline.stash_batch(result.events)
+        # Rechecked items go to the sink too: it stores those Reddit listed late.
+        ref = pipeline.stash_batch(result.events + result.rechecked)
     except (SubredditUnavailable, RedditAuthError) as exc:
         pipeline.release_scrape_lock(name, token)
         if isinstance(exc, SubredditUnavailable):
@@ -186,7 +187,8 @@ def _export(batch: dict[str, Any]) -> dict[str, Any]:
         "exported": exported.written + exported.skipped,
         "gaps": batch["gaps"],
         "malformed": batch["malformed"],
-        "too_old": batch.get("too_old", 0),  # absent from batches made before it existed
+        "too_old": batch.get("too_old", 0),  # these two are absent from batches made
+        "rechecked": batch.get("rechecked", 0),  # before they existed
         "requests": batch["requests"],
         "seconds": round(time.time() - batch["started_at"], 3),
     }

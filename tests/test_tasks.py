@@ -7,6 +7,7 @@ the middle of an insert, stop PostgreSQL for 20 seconds, restart Redis.
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import threading
@@ -585,8 +586,10 @@ def test_with_retention_a_scrape_stores_nothing_retention_would_drop(
         )
         monkeypatch.setattr(pipeline, "get_settings", lambda: configured)
         monkeypatch.setattr(pipeline, "_runtimes", {})  # a client for this simulator
-
-        summary = scrape.apply(args=[name]).get(timeout=60)
+        try:
+            summary = scrape.apply(args=[name]).get(timeout=60)
+        finally:
+            pipeline.close_runtime()
 
     horizon = datetime.now(UTC) - timedelta(days=30)
     with db.connect() as conn:
@@ -597,3 +600,40 @@ def test_with_retention_a_scrape_stores_nothing_retention_would_drop(
     assert summary["too_old"] >= 2  # at least one a kind: where paging stopped
     assert 50 <= summary["inserted"] <= 62  # ~30 of 40 days of each kind
     assert summary["exported"] == summary["inserted"] == len(_csv_ids(csv_dir))
+
+
+def test_an_item_reddit_lists_late_is_stored_and_exported_once(
+    simulator, db, redis_client, csv_dir
+):
+    """Listed only after newer items (so after the watermark passed it), it is found
+    on the next scrape's recheck of the page that reaches the watermark."""
+    name = _unique_subreddit("late")
+    simulator.add_subreddit(name, submissions=20, comments=20)
+    scrape.apply(args=[name]).get(timeout=60)
+    late_post, _, late_comment, _ = simulator.add_items(name, submissions=2, comments=2)
+    simulator.set_listed([late_post, late_comment], listed=False)
+    assert scrape.apply(args=[name]).get(timeout=60)["inserted"] == 2
+
+    simulator.set_listed([late_post, late_comment])
+    summary = scrape.apply(args=[name]).get(timeout=60)
+
+    assert summary["fetched"] == 0  # nothing above the watermark
+    assert summary["rechecked"] >= 4  # the watermark items and the two late ones
+    assert summary["inserted"] == summary["exported"] == 2
+    stored = _stored_ids(db, name)
+    assert {late_post[3:], late_comment[3:]} <= set(stored)
+    assert sorted(stored) == sorted(_csv_ids(csv_dir)) and len(stored) == 44
+
+
+def test_a_pool_process_closes_its_reddit_client_on_the_way_out(simulator, redis_client):
+    name = _unique_subreddit("closing")
+    simulator.add_subreddit(name, submissions=2, comments=2)
+    assert len(pipeline.fetch(name).events) == 4  # the process's client, connected
+    runtime = pipeline._runtimes[os.getpid()]
+
+    pipeline.close_runtime()  # what worker_process_shutdown runs
+
+    assert runtime.loop.is_closed()
+    assert runtime.reddit.requestor._http.closed
+    assert os.getpid() not in pipeline._runtimes
+    pipeline.close_runtime()  # nothing left to close: no error

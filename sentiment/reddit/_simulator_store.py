@@ -50,11 +50,12 @@ class Stored:
 class Feed:
     """One subreddit's submissions or comments, oldest first; ids strictly increase."""
 
-    __slots__ = ("items", "nums")
+    __slots__ = ("hidden", "items", "nums")
 
     def __init__(self) -> None:
         self.items: list[Stored] = []
         self.nums: list[int] = []
+        self.hidden: set[int] = set()  # not listed (yet): see Catalog.set_listed
 
     def append(self, item: Stored) -> None:
         """Add the newest item (the catalog hands out ids in increasing order)."""
@@ -68,17 +69,21 @@ class Feed:
 
         Only the newest `LISTING_DEPTH` items can be reached, as on Reddit.
         """
-        size = len(self.nums)
+        items, nums = self.items, self.nums
+        if self.hidden:
+            items = [item for item in items if item.num not in self.hidden]
+            nums = [item.num for item in items]
+        size = len(nums)
         floor = max(0, size - LISTING_DEPTH)
         if before is not None:
-            low = max(floor, bisect_right(self.nums, before))
+            low = max(floor, bisect_right(nums, before))
             high = min(size, low + limit)
         else:
-            high = size if after is None else bisect_left(self.nums, after)
+            high = size if after is None else bisect_left(nums, after)
             low = max(floor, high - limit)
         if high <= low:
             return [], False, False
-        return self.items[low:high][::-1], low > floor, high < size
+        return items[low:high][::-1], low > floor, high < size
 
 
 @dataclass
@@ -184,6 +189,14 @@ class Catalog:
             items[-1].fullname if older else None,
             items[0].fullname if newer else None,
         )
+
+    def set_listed(self, fullnames: list[str], *, listed: bool) -> None:
+        """Take items out of their listing, or put them back (KeyError if unknown)."""
+        for fullname in fullnames:
+            thing = self.things[fullname]
+            feed: Feed = self.get(thing.subreddit).submissions if fullname.startswith("t3_") \
+                else self.get(thing.subreddit).comments  # fmt: skip
+            (feed.hidden.discard if listed else feed.hidden.add)(thing.num)
 
     def lookup(self, fullnames: list[str]) -> list[bytes]:
         """Payloads of the readable things among `fullnames`, in the order asked."""

@@ -166,6 +166,10 @@ class SharedRateLimiter:
             ],
         )
 
+    async def close(self) -> None:
+        """Close the Redis connection this limiter was given."""
+        await self._redis.aclose()
+
     async def state(self) -> LimiterState:
         values = await self._redis.hmget(self.key, "remaining", "window_end", "granted", "limited")
         now_s, now_us = await self._redis.time()

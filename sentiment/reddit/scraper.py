@@ -12,6 +12,12 @@ RETENTION_DAYS) is a floor in time: older items are skipped and counted, and
 paging stops at the first one, so a scrape without a watermark never stores
 again what retention dropped.
 
+Reddit builds its listings asynchronously, so an item can show up after a
+newer one, which may already be the watermark: it would be below it for good.
+So on the page that reaches the watermark, the items created up to `lookback`
+seconds before it are handed back as well (`rechecked`, no extra request),
+and the sink, which stores each event once, keeps whichever of them is new.
+
 Reddit's cursor is an item: if the `after` item is removed between two pages,
 the next page comes back empty. We then page on from the next-older item of
 the page before (a few tries). If none is left, we cannot see down to the
@@ -66,6 +72,7 @@ class KindResult:
     malformed: int = 0
     too_old: int = 0  # older than `not_before`
     newest_id: str | None = None
+    rechecked: list[RawEventDTO] = field(default_factory=list)  # at or below the watermark
 
 
 @dataclass
@@ -79,6 +86,9 @@ class ScrapeResult:
     malformed: int
     watermarks: dict[str, str]  # kind -> newest id seen, to commit once stored
     too_old: int = 0  # listed, but older than `not_before`: skipped
+    # Listed at or just below the watermark (`lookback`): stored already unless
+    # Reddit listed them late; the sink tells.
+    rechecked: list[RawEventDTO] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -88,6 +98,7 @@ class ScrapeResult:
             "gaps": len(self.gaps),
             "malformed": self.malformed,
             "too_old": self.too_old,
+            "rechecked": len(self.rechecked),
         }
 
 
@@ -99,9 +110,11 @@ async def scrape_subreddit(
     depth: int = 1000,
     attempts: int = 5,
     not_before: datetime | None = None,
+    lookback: float = 0.0,
 ) -> ScrapeResult:
     """Fetch every submission and comment newer than `watermarks` (kind -> id)
-    and, if given, created at or after `not_before`.
+    and, if given, created at or after `not_before`; and, as `rechecked`, those
+    created up to `lookback` seconds before the watermark, on the page reaching it.
 
     Without a watermark (first run) it backfills up to `depth` items a kind.
     """
@@ -119,6 +132,7 @@ async def scrape_subreddit(
                 depth=depth,
                 attempts=attempts,
                 not_before=not_before,
+                lookback=lookback,
             )
             for kind in KINDS
         )
@@ -142,6 +156,7 @@ async def scrape_subreddit(
         malformed=sum(r.malformed for r in results),
         watermarks={k: r.newest_id for k, r in by_kind.items() if r.newest_id is not None},
         too_old=sum(r.too_old for r in results),
+        rechecked=[e for r in results for e in r.rechecked],
     )
 
 
@@ -154,9 +169,10 @@ async def _scrape_kind(
     depth: int,
     attempts: int,
     not_before: datetime | None,
+    lookback: float,
 ) -> KindResult:
     floor = base36_to_int(watermark) if watermark else None
-    reader = _PageReader(subreddit, kind, floor, not_before)
+    reader = _PageReader(subreddit, kind, floor, not_before, lookback)
     result = reader.result
     cap = depth if floor is None else max(depth, LISTING_DEPTH)
     after: str | None = None
@@ -201,9 +217,11 @@ class _PageReader:
     kind: Kind
     floor: int | None  # the watermark as a number
     not_before: datetime | None
+    lookback: float  # seconds below the watermark's time to recheck
     result: KindResult = field(default_factory=KindResult)
     seen: set[str] = field(default_factory=set)
     listed: int = 0
+    reference: float | None = None  # created_utc of the first item at or below the floor
 
     def take(self, children: list[Any]) -> tuple[bool, list[str]]:
         """Keep a page's new items. Return whether it reached what needs no reading
@@ -228,7 +246,9 @@ class _PageReader:
             if self.floor is not None and number <= self.floor:
                 # Stickied posts can sit out of order; only a regular item proves
                 # we have reached what we already have.
-                reached = reached or not item.get("stickied", False)
+                if not item.get("stickied", False):
+                    reached = True
+                    self._recheck(item, item_id)
                 continue
             if item_id in self.seen:  # repeated across a page boundary
                 continue
@@ -245,6 +265,21 @@ class _PageReader:
             if result.newest_id is None or number > base36_to_int(result.newest_id):
                 result.newest_id = event.id
         return reached, page_ids
+
+    def _recheck(self, item: dict[str, Any], item_id: str) -> None:
+        """Hand on an item at or below the watermark if it was created within
+        `lookback` seconds of the first such item (the watermark, most often)."""
+        created = item.get("created_utc")
+        if not self.lookback or not isinstance(created, int | float) or item_id in self.seen:
+            return
+        if self.reference is None:
+            self.reference = created
+        if created < self.reference - self.lookback:
+            return
+        self.seen.add(item_id)
+        event = _to_event(item, self.subreddit, self.kind)
+        if event is not None and (self.not_before is None or event.occurred_at >= self.not_before):
+            self.result.rechecked.append(event)
 
 
 async def _fetch_page(

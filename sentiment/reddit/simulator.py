@@ -210,6 +210,15 @@ class Simulator:
                 name, "comments", comments, start=now, now=now, adversarial=adversarial
             )
 
+    def set_listed(self, fullnames: Sequence[str], *, listed: bool = True) -> None:
+        """Hold items back from `/new` and `/comments`, or list them again.
+
+        Reddit builds its listings asynchronously: an item can exist (`/api/info`
+        and its thread find it) and show up in its listing only after newer ones.
+        """
+        with self._lock:
+            self._catalog.set_listed(list(fullnames), listed=listed)
+
     def start_growth(
         self,
         submissions_per_second: float,

@@ -175,3 +175,32 @@ def test_not_before_does_not_cut_what_lies_above_it():
 
     assert _numbers(result) == set(range(BASE + 1, BASE + 251))
     assert result.too_old == 0
+
+
+def test_an_item_listed_late_below_the_watermark_is_rechecked():
+    """Reddit builds its listings asynchronously: item N can show up after N+1, which
+    is then the watermark. Items just below it, on the page that reached it, are
+    handed on again (`rechecked`); the sink stores whichever is new."""
+    reddit = ListingReddit([n for n in range(BASE + 1, BASE + 201) if n != BASE + 195])
+    first = _scrape(reddit, None)
+    assert first.watermarks["submission"] == to_base36(BASE + 200)
+    arrived = [BASE + 195, *range(BASE + 201, BASE + 211)]  # the late one, and ten new
+    reddit.listed["new"] = sorted([*reddit.listed["new"], *arrived], reverse=True)
+
+    result = _scrape(reddit, BASE + 200, lookback=60)
+
+    assert _numbers(result) == set(range(BASE + 201, BASE + 211))
+    rechecked = {int(e.id, 36) for e in result.rechecked}
+    assert rechecked == set(range(BASE + 140, BASE + 201))  # created within 60 s of it
+    assert result.summary()["rechecked"] == len(result.rechecked)
+    assert result.watermarks == {"submission": to_base36(BASE + 210)}
+    assert reddit.requests["new"] == 3  # two for the first scrape, one for this one
+
+
+def test_without_lookback_nothing_is_rechecked():
+    reddit = ListingReddit(list(range(BASE + 1, BASE + 201)))
+
+    result = _scrape(reddit, BASE + 190, lookback=0)
+
+    assert _numbers(result) == set(range(BASE + 191, BASE + 201))
+    assert result.rechecked == []

@@ -538,6 +538,32 @@ def test_adversarial_items_arrive_intact(small):
         assert sum(item["author"] == "[deleted]" for item in items) == 2
 
 
+def test_an_item_can_be_listed_late(small):
+    """As on Reddit, whose listings are built asynchronously: the item exists
+    (`/api/info` finds it) before `/new` and `/comments` show it."""
+    sim, url = small
+    late_post, _, late_comment, _ = sim.add_items("a", submissions=2, comments=2)
+    sim.set_listed([late_post, late_comment], listed=False)
+
+    def listed() -> tuple[list[str], list[str], list[str]]:
+        new = asyncio.run(fetch(url, "r/a/new", limit=5))
+        comments = asyncio.run(fetch(url, "r/a/comments", limit=5))
+        info = asyncio.run(fetch(url, "api/info", id=f"{late_post},{late_comment}"))
+        return tuple(
+            [child["data"]["name"] for child in listing["data"]["children"]]
+            for listing in (new, comments, info)
+        )  # type: ignore[return-value]
+
+    new, comments, info = listed()
+    assert late_post not in new and len(new) == 5
+    assert late_comment not in comments and len(comments) == 5
+    assert info == [late_post, late_comment]
+
+    sim.set_listed([late_post, late_comment])
+    new, comments, _ = listed()
+    assert new[1] == late_post and comments[1] == late_comment  # where their ids belong
+
+
 def test_items_look_like_reddit_json(world):
     sim, _ = world
     submission, comment = sim.items("stocks")[0], sim.items("stocks", "comments")[0]
