@@ -121,9 +121,10 @@ class Settings(BaseSettings):
     # are looked at again on the page that reaches it (0: never).
     scrape_lookback_seconds: int = Field(300, ge=0, le=86_400)
 
-    # What to scrape, and how often.
-    subreddits: Annotated[list[SubredditSchedule], NoDecode] = Field(default_factory=list)
+    # What to scrape, and how often. The default interval comes first: fields are
+    # validated in order, and SUBREDDITS' entries without one take it.
     scrape_interval_seconds: int = Field(60, ge=10)
+    subreddits: Annotated[list[SubredditSchedule], NoDecode] = Field(default_factory=list)
 
     # Sinks.
     csv_dir: Path = Path("data/csv")
@@ -165,11 +166,24 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"redis", "rediss", "unix"}:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"redis", "rediss", "unix"}:
             raise ValueError(
                 "must be a redis:// or rediss:// URL, e.g. redis://:password@localhost:6379/0"
             )
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("names no socket path, e.g. unix:///run/redis.sock")
+            return value
+        if not parts.hostname:
+            raise ValueError("names no host, e.g. redis://:password@localhost:6379/0")
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked
+        except ValueError:
+            port = parts.netloc.rpartition(":")[2]
+            if port.isdigit():
+                raise ValueError(f"port {port} is out of range (1-65535)") from None
+            raise ValueError(f"port {port!r} is not a number") from None
         return value
 
     @field_validator("reddit_oauth_url", "reddit_url")

@@ -21,6 +21,16 @@ def test_subreddits_with_and_without_intervals():
     ]
 
 
+def test_subreddits_without_an_interval_take_scrape_interval_seconds(monkeypatch):
+    monkeypatch.setenv("SUBREDDITS", "stocks,wallstreetbets:30")
+    monkeypatch.setenv("SCRAPE_INTERVAL_SECONDS", "300")
+    schedules = load_settings().subreddits
+    assert [(s.name, s.interval_seconds) for s in schedules] == [
+        ("stocks", 300),
+        ("wallstreetbets", 30),
+    ]
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
@@ -38,6 +48,9 @@ def test_subreddits_with_and_without_intervals():
         ("STORAGE_LAYOUT", "mongo", "STORAGE_LAYOUT: Input should be 'auto', 'timescaledb' or"),
         ("RETENTION_DAYS", "0", "RETENTION_DAYS: Input should be greater than or equal to 1"),
         ("RETENTION_DAYS", "a month", "RETENTION_DAYS: Input should be a valid integer"),
+        ("REDIS_URL", "redis://localhost:99999/0", "REDIS_URL: port 99999 is out of range"),
+        ("REDIS_URL", "redis://localhost:abc/0", "REDIS_URL: port 'abc' is not a number"),
+        ("REDIS_URL", "redis:localhost", "REDIS_URL: names no host"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, value, message):
