@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -42,7 +42,7 @@ console = Console()
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
 
@@ -214,8 +214,9 @@ def migrate(
     from sentiment.embedded import ensure_services
 
     settings = get_settings()
+    ini = _alembic_ini()
     ensure_services(settings)
-    config = Config(str(_ROOT / "alembic.ini"))
+    config = Config(str(ini))
     if not check:
         command.upgrade(config, "head")
         console.print("database is at the newest migration")
@@ -225,6 +226,17 @@ def migrate(
     except CommandError as exc:
         _fail(f"models and migrations disagree: {exc}")
     console.print("models and migrations agree")
+
+
+def _alembic_ini() -> Path:
+    """alembic.ini where the command runs (the image's /app), else in this checkout."""
+    for folder in (Path.cwd(), _ROOT):
+        if (folder / "alembic.ini").is_file():
+            return folder / "alembic.ini"
+    _fail(
+        f"no alembic.ini in {Path.cwd()} or {_ROOT}: run `sentiment migrate` from the "
+        "directory that holds alembic.ini and alembic/ (the repository, or /app in the image)"
+    )
 
 
 def _check_in_scratch_database(settings: Settings, config: Config) -> None:

@@ -453,3 +453,32 @@ def test_migrate_check_compares_models_and_migrations(settings):
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "models and migrations agree" in result.stdout
+
+
+def _installed_copy(tmp_path):  # type: ignore[no-untyped-def]
+    """The package as `pip install .` lays it out (no alembic.ini beside it), and a
+    command that runs `sentiment` from there."""
+    import shutil
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "sentiment", site / "sentiment")
+    code = f"import sys; sys.path.insert(0, {str(site)!r}); from sentiment.cli import main; main()"
+    return [sys.executable, "-c", code]
+
+
+def test_migrate_from_an_installed_package_uses_the_alembic_ini_where_it_runs(settings, tmp_path):
+    """The image installs the package into site-packages and runs `sentiment migrate`
+    in /app, where alembic.ini and alembic/ are."""
+    command = _installed_copy(tmp_path)
+    env = {**os.environ, "PYTHONPATH": ""}
+
+    done = subprocess.run([*command, "migrate"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    elsewhere = subprocess.run([*command, "migrate"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=120, check=False)  # fmt: skip
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "database is at the newest migration" in done.stdout
+    assert elsewhere.returncode == 1
+    shown = " ".join(elsewhere.stdout.split())
+    assert "no alembic.ini" in shown and "Traceback" not in elsewhere.stdout + elsewhere.stderr
