@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -75,6 +76,12 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._redis = redis.Redis.from_url(get_settings().redis_connection_url())
         self._token = f"{socket.gethostname()}:{os.getpid()}"
+        # The schedule file lives in DATA_DIR, which a fresh volume or checkout
+        # may not have yet: celery would fail to open it, after taking our lock.
+        filename = (
+            kwargs.get("schedule_filename") or get_settings().data_dir / "celerybeat-schedule"
+        )
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
         super().__init__(*args, **kwargs)
 
     def setup_schedule(self) -> None:
@@ -87,7 +94,11 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
         if not get_settings().subreddits:
             log.warning("SUBREDDITS is empty: this beat schedules no scrapes, only maintenance; "
                         "set SUBREDDITS, e.g. SUBREDDITS=wallstreetbets:60,stocks")  # fmt: skip
-        super().setup_schedule()
+        try:
+            super().setup_schedule()
+        except BaseException:
+            self._release()  # a beat that did not start must not keep the next one out
+            raise
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         # Refresh our lock; if it was lost (Redis flushed), take it back.
@@ -99,9 +110,12 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
         return min(float(super().tick(*args, **kwargs)), _BEAT_LOCK_TTL / 3)
 
     def close(self) -> None:
+        self._release()
+        super().close()
+
+    def _release(self) -> None:
         if self._holder() == self._token:
             self._redis.delete(BEAT_LOCK_KEY)
-        super().close()
 
     def _holder(self) -> str | None:
         value = self._redis.get(BEAT_LOCK_KEY)

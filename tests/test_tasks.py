@@ -493,15 +493,19 @@ def test_beat_scrapes_each_subreddit_on_its_schedule(worker, simulator, db, csv_
 
 
 def test_beat_with_no_subreddits_says_what_to_set(redis_client, tmp_path):
+    """(Its schedule file's folder does not exist yet, as DATA_DIR on a fresh volume.)"""
     from tests.processes import CeleryProcess
 
-    beat = CeleryProcess("beat-empty", ["beat", "--loglevel", "INFO", "-s", str(tmp_path / "s")],
+    schedule = tmp_path / "state" / "celerybeat-schedule"
+    beat = CeleryProcess("beat-empty", ["beat", "--loglevel", "INFO", "-s", str(schedule)],
                          {"SUBREDDITS": ""})  # fmt: skip
     beat.start()
     try:
         _wait_until(lambda: "SUBREDDITS is empty" in beat.output(), 30, "the warning")
         assert "set SUBREDDITS, e.g. SUBREDDITS=wallstreetbets:60,stocks" in beat.output()
-        assert beat.alive()  # the maintenance entries still run
+        time.sleep(2)  # past opening the schedule file
+        assert beat.alive(), beat.output()  # the maintenance entries still run
+        assert schedule.parent.is_dir()
     finally:
         beat.stop()
 
