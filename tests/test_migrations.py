@@ -155,3 +155,32 @@ def test_0003_keeps_the_first_of_repeated_rejections(scratch_engine, monkeypatch
         ("a1", "first"), ("a1", "another time"), ("b2", "another record"),
     ]  # fmt: skip
     run_alembic(scratch_engine, "downgrade", "0002")
+
+
+@pytest.mark.parametrize("layout", ["auto", "partitioned"])
+def test_a_database_owner_without_superuser_can_migrate(scratch_engine, monkeypatch, layout):
+    """Managed PostgreSQL gives the application a role that owns its database and no
+    more; `shared_preload_libraries` is then not readable."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    role = f"owner_{uuid.uuid4().hex[:8]}"
+    with scratch_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(text(f"CREATE ROLE {role} LOGIN NOSUPERUSER PASSWORD 'pw'"))
+        conn.execute(text(f'ALTER DATABASE "{database}" OWNER TO {role}'))
+        conn.execute(text(f"GRANT ALL ON SCHEMA public TO {role}"))
+        conn.execute(text(f"ALTER SCHEMA public OWNER TO {role}"))
+    owner = create_engine(make_url(str(scratch_engine.url)).set(username=role, password="pw"))
+    use_layout(monkeypatch, layout)
+    try:
+        run_alembic(owner, "upgrade", "head")
+        assert "raw_events" in _tables(owner)
+    finally:
+        owner.dispose()
+        with scratch_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"REASSIGN OWNED BY {role} TO CURRENT_USER"))
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))

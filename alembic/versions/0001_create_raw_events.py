@@ -74,15 +74,26 @@ $fn$;
 
 def _use_timescaledb(bind: sa.Connection) -> bool:
     layout = get_settings().storage_layout
+    if layout == "partitioned":
+        return False
     available = bind.execute(
         sa.text("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")
     ).scalar()
-    preloaded = (
-        "timescaledb"
-        in bind.execute(sa.text("SELECT current_setting('shared_preload_libraries')")).scalar_one()
-    )
-    if layout == "partitioned":
-        return False
+    # Only superusers (and pg_read_all_settings) may read shared_preload_libraries;
+    # pg_settings hides it from everyone else instead of raising. A managed
+    # server's owner role then goes by whether an administrator created the
+    # extension in this database already (it cannot be created unless preloaded).
+    libraries = bind.execute(
+        sa.text("SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries'")
+    ).scalar()
+    if libraries is not None:
+        preloaded = "timescaledb" in libraries
+    else:
+        preloaded = bool(
+            bind.execute(
+                sa.text("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
+            ).scalar()
+        )
     if layout == "timescaledb" and not (available and preloaded):
         raise RuntimeError(
             "STORAGE_LAYOUT=timescaledb but this server has no preloaded timescaledb extension: "
