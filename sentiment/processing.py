@@ -10,6 +10,17 @@ A worker claims unprocessed rows, scores them, and marks them processed:
 Claims use `FOR UPDATE SKIP LOCKED`: concurrent workers get disjoint rows and
 never wait on each other; a worker that dies releases its claim when its
 transaction ends, so the rows go to the next claimer.
+
+A claim is an open transaction holding a lock on raw_events, so keep it to
+one batch's scoring (seconds). Retention and the partition keeper need the
+table to themselves for a moment and wait at most 2 s for it: claims that
+overlap without a pause, each longer than that, keep them out (they retry,
+and `sentiment status` shows the oldest unprocessed row held back).
+
+Mark inside the claim, on `claim.connection`: the `mark_processed` Celery
+task is for consumers that do not claim. A claimer that ends its block and
+leaves the marking to the queued task would get the same rows from its next
+claim, as oldest unprocessed, until that task has run.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
+from sentiment.config import get_settings
 from sentiment.db import get_engine
 from sentiment.dto import canonical_id, to_utc
 
@@ -41,30 +53,35 @@ _CLAIM = text(
     """
 )
 
-# One statement: every CTE sees the same snapshot, taken before the update,
-# so `known` counts the keys that existed and `updated` those we flipped now.
+# One statement: every CTE sees the same snapshot, taken before the update.
+# Rows are counted once however many keys name them (an id and its (id, time)
+# pair; a bare id may name one id at two times); `unknown` counts keys.
 _MARK = text(
     """
     WITH keys AS (
         SELECT DISTINCT k.id, k.occurred_at
         FROM unnest(CAST(:ids AS text[]), CAST(:times AS timestamptz[])) AS k(id, occurred_at)
     ),
+    matched AS (
+        SELECT DISTINCT r.id, r.occurred_at, r.processed
+        FROM raw_events AS r
+        JOIN keys AS k
+          ON r.id = k.id AND (k.occurred_at IS NULL OR r.occurred_at = k.occurred_at)
+    ),
     updated AS (
         UPDATE raw_events AS r
         SET processed = true, processed_at = now()
-        FROM keys AS k
-        WHERE r.id = k.id
-          AND (k.occurred_at IS NULL OR r.occurred_at = k.occurred_at)
-          AND NOT r.processed
+        FROM matched AS m
+        WHERE r.id = m.id AND r.occurred_at = m.occurred_at AND NOT r.processed
         RETURNING r.id
     )
     SELECT
         (SELECT count(*) FROM updated) AS updated,
-        (SELECT count(*) FROM keys AS k WHERE EXISTS (
-            SELECT 1 FROM raw_events AS r
-            WHERE r.id = k.id AND (k.occurred_at IS NULL OR r.occurred_at = k.occurred_at)
-        )) AS known,
-        (SELECT count(*) FROM keys) AS total
+        (SELECT count(*) FROM matched WHERE processed) AS already_processed,
+        (SELECT count(*) FROM keys AS k WHERE NOT EXISTS (
+            SELECT 1 FROM matched AS m
+            WHERE m.id = k.id AND (k.occurred_at IS NULL OR m.occurred_at = k.occurred_at)
+        )) AS unknown
     """
 )
 
@@ -107,13 +124,16 @@ class MarkResult:
 
 
 @contextmanager
-def claim_unprocessed(limit: int, *, engine: Engine | None = None) -> Iterator[Claim]:
-    """Lock up to `limit` unprocessed rows, oldest first, for the length of the block.
+def claim_unprocessed(limit: int | None = None, *, engine: Engine | None = None) -> Iterator[Claim]:
+    """Lock up to `limit` (CLAIM_BATCH_SIZE) unprocessed rows, oldest first, for the
+    length of the block. Keep the block short: see the module's note on claims.
 
     The transaction commits when the block ends (so marks made on
     `claim.connection` are kept) and rolls back on an exception (so the rows
     are free for another worker).
     """
+    if limit is None:
+        limit = get_settings().claim_batch_size
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a whole number of rows >= 1, not {limit!r}")
     with (engine or get_engine()).begin() as connection:
@@ -146,9 +166,9 @@ def mark_processed(
     else:
         with (engine or get_engine()).begin() as conn:
             row = conn.execute(_MARK, params).one()
-    updated, known, total = row
-    return MarkResult(updated=updated, already_processed=known - updated,
-                      unknown=total - known, invalid=len(problems))  # fmt: skip
+    updated, already_processed, unknown = row
+    return MarkResult(updated=updated, already_processed=already_processed, unknown=unknown,
+                      invalid=len(problems))  # fmt: skip
 
 
 def _split_keys(keys: Iterable[Any]) -> tuple[list[str], list[datetime | None], list[str]]:

@@ -145,3 +145,29 @@ def test_claim_refuses_a_limit_that_is_not_a_row_count(db, limit):
         claim_unprocessed(limit),
     ):
         pass
+
+
+def test_mark_processed_counts_rows_once_however_many_keys_name_them(db):
+    """An id and its (id, time) key name one row; a bare id can name two (one id at
+    two times): `updated` and `already_processed` count rows, `unknown` keys."""
+    at = datetime.now(UTC) - timedelta(hours=1)
+    twice = [make_event(event_id="twin1", occurred_at=at - timedelta(minutes=m)) for m in (1, 2)]
+    one = make_event(occurred_at=at)
+    insert_batch([*twice, one])
+
+    first = mark_processed([one.id, one.key])
+    second = mark_processed(["twin1", one.key, "nope3"])
+
+    assert first.summary() == {"updated": 1, "already_processed": 0, "unknown": 0, "invalid": 0}
+    assert second.summary() == {"updated": 2, "already_processed": 1, "unknown": 1, "invalid": 0}
+
+
+def test_claim_takes_claim_batch_size_rows_unless_told(db, monkeypatch):
+    from sentiment import processing
+
+    insert_batch(_events(9))
+    configured = processing.get_settings().model_copy(update={"claim_batch_size": 4})
+    monkeypatch.setattr(processing, "get_settings", lambda: configured)
+
+    with claim_unprocessed() as claim:
+        assert len(claim) == 4
