@@ -249,6 +249,10 @@ def keep_partitions(self: Task) -> dict[str, int]:
         conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
         created = 0
         if conn.execute(text("SELECT to_regproc('raw_events_ensure_partitions')")).scalar():
+            # The table first, before the keeper lifts a day's rows out of the default
+            # partition: an insert landing there in between would make creating that
+            # day's partition fail. Inserts wait the few milliseconds this takes.
+            conn.execute(text("LOCK TABLE raw_events IN ACCESS EXCLUSIVE MODE"))
             created = conn.execute(
                 text("SELECT count(*) FROM raw_events_ensure_partitions(:days)"),
                 {"days": _settings.partition_days_ahead},
