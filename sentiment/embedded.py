@@ -341,9 +341,14 @@ def embedded_redis(settings: Settings) -> EmbeddedRedis:
     return EmbeddedRedis(settings.data_dir, settings.embedded_redis_port)
 
 
-def ensure_services(settings: Settings, *, durable: bool = True) -> list[str]:
-    """Start whichever embedded servers the settings call for; return what was started."""
-    started = []
+def ensure_services(
+    settings: Settings, *, durable: bool = True, started: list[str] | None = None
+) -> list[str]:
+    """Start whichever embedded servers the settings call for; return what was started.
+
+    Pass `started` to see what was started so far even if a later start fails.
+    """
+    started = [] if started is None else started
     if settings.uses_embedded_postgres:
         pg = embedded_postgres(settings, durable=durable)
         if not pg.is_running():

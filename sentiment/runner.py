@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 from rich.console import Console
 from rich.live import Live
 
@@ -65,6 +66,35 @@ def only_run(data_dir: Path) -> Iterator[None]:
             handle.truncate(0)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a supervisor, `timeout`, a closed terminal) stop a run as
+    Ctrl-C does: the children live in sessions of their own and would be orphaned."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS[1:]}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class _Child:
     name: str
@@ -86,7 +116,7 @@ class Runner:
         return self.settings.data_dir.resolve() / "logs"
 
     def run(self, duration: float | None = None) -> None:
-        with only_run(self.settings.data_dir):
+        with only_run(self.settings.data_dir), _terminate_as_interrupt():
             # What would otherwise fail in a child process, checked before anything starts.
             check_csv_dir(self.settings.csv_dir)
             self._check_ports()
@@ -102,9 +132,12 @@ class Runner:
                 raise RuntimeError(f"port {port} ({what}) is in use; choose another with {option}")
 
     def _run(self, duration: float | None) -> None:
-        started = ensure_services(self.settings)
+        started: list[str] = []
         env = self._child_environment()
         try:
+            ensure_services(self.settings, started=started)
+            # A Redis that is configured but down: one line now, not a child's traceback.
+            redis.Redis.from_url(self.settings.redis_connection_url(), socket_timeout=5).ping()
             self._migrate(env)
             if not self.settings.has_reddit_credentials:
                 self._spawn(
@@ -157,11 +190,12 @@ class Runner:
             self._announce(env)
             self._watch(duration, env)
         except KeyboardInterrupt:
-            self.console.print("\nstopping…")
+            self.console.print("\nstopping… (the worker gets up to 30 s to finish its tasks)")
         finally:
-            self._stop_children()
-            if started:
-                stop_services(self.settings, started)
+            with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
+                self._stop_children()
+                if started:
+                    stop_services(self.settings, started)
             self.console.print(f"stopped; logs are in {self.log_dir}")
 
     def _child_environment(self) -> dict[str, str]:

@@ -482,3 +482,55 @@ def test_migrate_from_an_installed_package_uses_the_alembic_ini_where_it_runs(se
     assert elsewhere.returncode == 1
     shown = " ".join(elsewhere.stdout.split())
     assert "no alembic.ini" in shown and "Traceback" not in elsewhere.stdout + elsewhere.stderr
+
+
+def test_run_with_an_unreachable_redis_is_one_clear_line(settings):
+    port = _free_port()
+
+    result = _sentiment("run", "--duration", "5", env={"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: Redis (127.0.0.1:{port}): Error 111 connecting" in shown
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_run_stopped_by_sigterm_stops_everything_it_started(settings, db, redis_client, csv_dir):
+    """A supervisor, `timeout` or a closed terminal stops `sentiment run` with SIGTERM
+    or SIGHUP, not Ctrl-C: the children (in sessions of their own) must go too."""
+    import signal
+    import time
+
+    env = {
+        "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "", "SUBREDDITS": "gamma_demo:10",
+        "REDDIT_OAUTH_URL": "https://oauth.reddit.com", "REDDIT_URL": "https://www.reddit.com",
+    }  # fmt: skip
+    sim_port, flower_port = _free_port(), _free_port()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", "run", "--simulator-port", str(sim_port),
+         "--flower-port", str(flower_port)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _reachable_port(flower_port):
+            time.sleep(0.5)
+        assert _reachable_port(flower_port), "sentiment run did not come up"
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "stopped; logs are in" in output, output
+    for port in (flower_port, sim_port):
+        leftovers = subprocess.run(["pgrep", "-f", f"{port}"], capture_output=True, check=False)
+        assert leftovers.stdout == b"", f"a child on port {port} outlived `sentiment run`"
+
+
+def _reachable_port(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
