@@ -26,9 +26,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sentiment.errors import ConfigError
 
 __all__ = [
-    "Settings", "SubredditSchedule", "get_settings", "load_settings", "parse_subreddits",
-    "valid_subreddit",
+    "SIMULATOR_CLIENT_ID", "Settings", "SubredditSchedule", "get_settings", "load_settings",
+    "parse_subreddits", "valid_subreddit",
 ]  # fmt: skip
+
+# The client id `sentiment run` gives its workers when no Reddit credentials are
+# set (they scrape the built-in simulator); `sentiment status` reads its budget.
+SIMULATOR_CLIENT_ID = "simulator"
 
 # Reddit's own rule for subreddit names: letters, digits and underscore, 2-21
 # characters (a few legacy names are 2 long, e.g. r/de). Nothing else can reach

@@ -30,7 +30,7 @@ import redis
 from rich.console import Console
 from rich.live import Live
 
-from sentiment.config import Settings
+from sentiment.config import SIMULATOR_CLIENT_ID, Settings
 from sentiment.embedded import ensure_services, port_taken, stop_services
 from sentiment.sinks.csv import check_csv_dir
 
@@ -149,7 +149,7 @@ class Runner:
                         "--subreddits",
                         ",".join(s.split(":")[0] for s in env["SUBREDDITS"].split(",")),
                         "--client-id",
-                        "simulator",
+                        SIMULATOR_CLIENT_ID,
                         "--client-secret",
                         _SIMULATOR_SECRET,
                     ],
@@ -212,7 +212,7 @@ class Runner:
         if not self.settings.has_reddit_credentials:
             base = f"http://127.0.0.1:{self.simulator_port}"
             env.update(
-                REDDIT_CLIENT_ID="simulator",
+                REDDIT_CLIENT_ID=SIMULATOR_CLIENT_ID,
                 REDDIT_CLIENT_SECRET=_SIMULATOR_SECRET,
                 REDDIT_OAUTH_URL=base,
                 REDDIT_URL=base,

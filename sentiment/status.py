@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 
-from sentiment.config import Settings
+from sentiment.config import SIMULATOR_CLIENT_ID, Settings
 from sentiment.pipeline import PARKED_EXPORTS_KEY, failing_key, runs_key, scrape_lock_key
 from sentiment.reddit.ratelimit import limiter_key
 
@@ -94,7 +94,8 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
         client.ping()
         report["queues"] = {queue: client.llen(queue) for queue in QUEUES}
         report["parked_exports"] = client.hlen(PARKED_EXPORTS_KEY)
-        limiter = client.hgetall(limiter_key(settings.reddit_client_id or "anonymous"))
+        # Without credentials the only scrapers are `sentiment run`'s, on the simulator.
+        limiter = client.hgetall(limiter_key(settings.reddit_client_id or SIMULATOR_CLIENT_ID))
         now = time.time()
         if limiter:
             window_end = float(limiter.get(b"window_end", now))
@@ -105,7 +106,7 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
                 "requests_granted": int(limiter.get(b"granted", 0)),
                 "times_limited": int(limiter.get(b"limited", 0)),
             }
-        for name in names:
+        for name in sorted({*names, *report["subreddits"], *_scraped(client)}):
             entry = report["subreddits"].setdefault(name, {})
             run = {_text(k): _text(v) for k, v in client.hgetall(runs_key(name)).items()}
             if "at" in run:
@@ -124,6 +125,16 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
               hint=_START_EMBEDDED if settings.uses_embedded_redis else "", exc=exc)  # fmt: skip
     finally:
         client.close()
+
+
+def _scraped(client: redis.Redis) -> set[str]:
+    """Subreddits with a run on record or a scrape in progress, configured or not
+    (`sentiment run` without SUBREDDITS scrapes its demo ones)."""
+    names = set()
+    for pattern in (runs_key("*"), scrape_lock_key("*")):
+        prefix = pattern[:-1]
+        names |= {_text(key)[len(prefix) :] for key in client.scan_iter(pattern, count=1000)}
+    return names
 
 
 def _text(value: bytes | str) -> str:

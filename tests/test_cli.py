@@ -534,3 +534,28 @@ def _reachable_port(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_status_beside_the_demo_sees_its_subreddits_and_its_rate_limit(settings, db, redis_client):
+    """`sentiment status` in a second terminal next to `make run` (SUBREDDITS unset, no
+    credentials): the demo's runs and the simulator client's budget, not blanks."""
+    import time
+
+    from sentiment.pipeline import record_run, scrape_lock_key
+    from sentiment.reddit.ratelimit import limiter_key
+    from sentiment.sinks.postgres import insert_batch
+    from tests.factories import make_events
+
+    insert_batch(make_events(3, subreddit="stocks"))
+    record_run("stocks", summary={"inserted": 3})
+    redis_client.set(scrape_lock_key("investing"), "token", ex=60)  # its first scrape, running
+    redis_client.hset(limiter_key("simulator"), mapping={
+        "window_end": time.time() + 30, "remaining": 91, "granted": 9, "limited": 0,
+    })  # fmt: skip
+
+    blank = {"SUBREDDITS": "", "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": ""}
+    report = json.loads(_sentiment("status", "--json", env=blank).stdout)
+
+    assert report["subreddits"]["stocks"]["last_run_s_ago"] >= 0
+    assert report["subreddits"]["investing"]["scraping"] is True
+    assert report["rate_limit"]["remaining"] == 91
