@@ -9,13 +9,32 @@ from sqlalchemy import Engine, create_engine
 
 from sentiment.config import Settings, get_settings
 
-__all__ = ["MAINTENANCE_LOCK_WAIT_S", "get_engine", "make_engine"]
+__all__ = ["MAINTENANCE_LOCK_WAIT_S", "connect_args", "get_engine", "make_engine"]
 
 # How long retention and the partition keeper wait to take raw_events whole. Every
 # query that comes later queues behind such a wait, so it stays short; a
 # transaction that holds the table longer (a sentiment worker's claim) makes the
 # job step back and retry, instead of stalling inserts or deadlocking the claim.
 MAINTENANCE_LOCK_WAIT_S = 2
+
+
+def connect_args(application_name: str) -> dict[str, object]:
+    """libpq connection parameters every engine here uses (psycopg2 and psycopg 3 alike)."""
+    return {
+        "connect_timeout": 5,
+        "application_name": application_name,
+        # A server that vanishes (no FIN, no RST) is noticed in ~2 min instead of
+        # leaving a worker waiting for an answer for ever.
+        "keepalives": 1,
+        "keepalives_idle": 60,
+        "keepalives_interval": 10,
+        "keepalives_count": 6,
+        # Never let one statement hold a worker (and its locks) for ever; and let the
+        # server notice a client machine that vanished mid-claim (its locks would
+        # otherwise keep retention and the partition keeper out for hours).
+        "options": "-c statement_timeout=120000 -c lock_timeout=30000"
+        " -c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6",
+    }
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -28,12 +47,7 @@ def make_engine(settings: Settings) -> Engine:
         # rather than fail the first task after one.
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={
-            "connect_timeout": 5,
-            "application_name": "sentiment",
-            # Never let one statement hold a worker (and its locks) for ever.
-            "options": "-c statement_timeout=120000 -c lock_timeout=30000",
-        },
+        connect_args=connect_args("sentiment"),
     )
     _dispose_after_fork(engine)
     return engine

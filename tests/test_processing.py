@@ -171,3 +171,16 @@ def test_claim_takes_claim_batch_size_rows_unless_told(db, monkeypatch):
 
     with claim_unprocessed() as claim:
         assert len(claim) == 4
+
+
+def test_connections_let_the_server_notice_a_client_that_vanished_mid_claim(db):
+    """A sentiment worker's machine that drops off the network keeps its claim's locks
+    until the server notices; TCP keepalives make that minutes, not hours."""
+    from sentiment.db import get_engine
+    from sentiment.sinks.postgres import get_sink_engine
+
+    for engine in (get_engine(), get_sink_engine()):
+        with engine.connect() as conn:
+            shown = [conn.execute(text(f"SHOW tcp_keepalives_{name}")).scalar()
+                     for name in ("idle", "interval", "count")]  # fmt: skip
+        assert shown == ["60", "10", "6"]

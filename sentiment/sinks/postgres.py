@@ -68,6 +68,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Engine, create_engine
 
 from sentiment.config import get_settings
+from sentiment.db import connect_args
 from sentiment.dto import RawEventDTO
 from sentiment.errors import ServiceUnavailable
 
@@ -157,7 +158,7 @@ def get_sink_engine() -> Engine:
         max_overflow=2,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5, "application_name": "sentiment-sink"},
+        connect_args=connect_args("sentiment-sink"),
     )
 
 
