@@ -55,6 +55,7 @@ __all__ = [
     "advance_watermarks",
     "check_batch",
     "clear_failing",
+    "close_runtime",
     "drop_batch",
     "failing_key",
     "failing_reason",
