@@ -48,6 +48,7 @@ __all__ = [
     "BATCH_TTL_S",
     "EXPORT_NEEDS",
     "INSERT_NEEDS",
+    "MAINTENANCE_KEY",
     "PARKED_EXPORTS_KEY",
     "BatchExpired",
     "MalformedBatch",
@@ -65,6 +66,7 @@ __all__ = [
     "mark_failing",
     "park_export",
     "parked_exports",
+    "record_maintenance",
     "record_run",
     "release_scrape_lock",
     "runs_key",
@@ -75,6 +77,7 @@ __all__ = [
 
 BATCH_TTL_S = 3 * 24 * 3600  # outlives any retry schedule; a crashed chain's blob still expires
 PARKED_EXPORTS_KEY = "sentiment:exports:parked"  # hash: batch_id -> export_csv's argument
+MAINTENANCE_KEY = "sentiment:maintenance"  # hash: job -> its last outcome (JSON)
 _FAILING_BASE_S = 300
 _FAILING_MAX_S = 6 * 3600
 
@@ -324,6 +327,13 @@ def mark_failing(subreddit: str, reason: str) -> int:
 
 def clear_failing(subreddit: str) -> None:
     get_redis().delete(f"sentiment:failures:{subreddit}", failing_key(subreddit))
+
+
+def record_maintenance(job: str, *, result: str, ok: bool) -> None:
+    """Remember how a maintenance job (retention, partitions) last went, for `sentiment status`."""
+    get_redis().hset(
+        MAINTENANCE_KEY, job, json.dumps({"at": time.time(), "ok": ok, "result": result})
+    )
 
 
 def record_run(

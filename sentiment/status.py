@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC
 from functools import lru_cache
@@ -14,7 +15,13 @@ from rich.table import Table
 from sqlalchemy import Engine, create_engine, text
 
 from sentiment.config import SIMULATOR_CLIENT_ID, Settings
-from sentiment.pipeline import PARKED_EXPORTS_KEY, failing_key, runs_key, scrape_lock_key
+from sentiment.pipeline import (
+    MAINTENANCE_KEY,
+    PARKED_EXPORTS_KEY,
+    failing_key,
+    runs_key,
+    scrape_lock_key,
+)
 from sentiment.reddit.ratelimit import limiter_key
 
 __all__ = ["QUEUES", "collect_status", "healthy", "render_status", "status_table"]
@@ -94,6 +101,7 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
         client.ping()
         report["queues"] = {queue: client.llen(queue) for queue in QUEUES}
         report["parked_exports"] = client.hlen(PARKED_EXPORTS_KEY)
+        report["maintenance"] = _maintenance(client, report)
         # Without credentials the only scrapers are `sentiment run`'s, on the simulator.
         limiter = client.hgetall(limiter_key(settings.reddit_client_id or SIMULATOR_CLIENT_ID))
         now = time.time()
@@ -125,6 +133,22 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
               hint=_START_EMBEDDED if settings.uses_embedded_redis else "", exc=exc)  # fmt: skip
     finally:
         client.close()
+
+
+def _maintenance(client: redis.Redis, report: dict[str, Any]) -> dict[str, Any]:
+    """How retention and the partition keeper last went; a failure is a problem."""
+    jobs = {}
+    for job, raw in sorted(client.hgetall(MAINTENANCE_KEY).items()):
+        outcome = json.loads(raw)
+        name = _text(job)
+        jobs[name] = {"ok": outcome["ok"], "result": outcome["result"],
+                      "last_s_ago": round(time.time() - outcome["at"])}  # fmt: skip
+        if not outcome["ok"]:
+            report["problems"].append(
+                f"{name} failed {jobs[name]['last_s_ago']}s ago ({outcome['result']}); it "
+                "retries, and runs again within the hour"
+            )
+    return jobs
 
 
 def _scraped(client: redis.Redis) -> set[str]:
@@ -181,7 +205,14 @@ def status_table(report: dict[str, Any]) -> Group:
         if limit
         else "-",
     )
-    return Group(overview, subs)
+    jobs = report.get("maintenance") or {}
+    if not jobs:
+        return Group(overview, subs)
+    maintenance = Table("job", "last run", "result", title="maintenance")
+    for name, job in jobs.items():
+        verdict = "ok" if job["ok"] else "[red]failed[/red]"
+        maintenance.add_row(name, f"{job['last_s_ago']}s ago", f"{verdict}: {job['result']}")
+    return Group(overview, subs, maintenance)
 
 
 def _backlog(report: dict[str, Any]) -> str:

@@ -16,9 +16,12 @@ redelivery after a worker died is harmless.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import redis.exceptions
@@ -244,7 +247,7 @@ def export_missing() -> dict[str, int]:
 @app.task(bind=True, name="sentiment.tasks.keep_partitions", **_RETRY)
 def keep_partitions(self: Task) -> dict[str, int]:
     """Create future daily partitions (plain PostgreSQL) and prune old chunk records."""
-    with get_engine().begin() as conn:
+    with _maintenance("partitions"), get_engine().begin() as conn:
         # Creating a partition takes raw_events whole: wait briefly, else retry later.
         conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
         created = 0
@@ -260,7 +263,24 @@ def keep_partitions(self: Task) -> dict[str, int]:
         pruned = conn.execute(
             text("DELETE FROM ingested_batches WHERE created_at < now() - interval '7 days'")
         ).rowcount
-    return {"partitions_created": created, "batch_records_pruned": pruned}
+    summary = {"partitions_created": created, "batch_records_pruned": pruned}
+    pipeline.record_maintenance("partitions", result=json.dumps(summary), ok=True)
+    return summary
+
+
+@contextlib.contextmanager
+def _maintenance(job: str) -> Iterator[None]:
+    """Record a maintenance job's failure for `sentiment status` (it retries all the same).
+
+    Retention that back-to-back claims keep out fails every hour; without this,
+    only the worker's log would say so.
+    """
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            pipeline.record_maintenance(job, result=f"{type(exc).__name__}: {exc}", ok=False)
+        raise
 
 
 @app.task(bind=True, name="sentiment.tasks.apply_retention", **_RETRY)
@@ -268,4 +288,7 @@ def apply_retention(self: Task) -> dict[str, object]:
     """Drop raw events older than RETENTION_DAYS that are processed (no-op when unset)."""
     if _settings.retention_days is None:
         return {"skipped": "RETENTION_DAYS is not set"}
-    return retention.apply_retention(_settings.retention_days).summary()
+    with _maintenance("retention"):
+        summary = retention.apply_retention(_settings.retention_days).summary()
+    pipeline.record_maintenance("retention", result=json.dumps(summary), ok=True)
+    return summary

@@ -272,3 +272,37 @@ def test_retention_is_off_until_configured(settings):
 def test_retention_setting_blank_means_keep_everything(monkeypatch, value, expected):
     monkeypatch.setenv("RETENTION_DAYS", value)
     assert Settings(_env_file=None).retention_days == expected
+
+
+def test_status_shows_how_the_last_retention_and_partition_runs_went(
+    settings, db, redis_client, monkeypatch
+):
+    """Retention held off by back-to-back claims fails every hour, quietly, unless
+    `sentiment status` says so."""
+    from sentiment import retention as retention_module
+    from sentiment import tasks
+    from sentiment.errors import ServiceUnavailable
+    from sentiment.status import collect_status, status_table
+
+    monkeypatch.setattr(tasks, "_settings", settings.model_copy(update={"retention_days": 30}))
+    tasks.keep_partitions.run()
+
+    def held(_days: int) -> None:
+        raise ServiceUnavailable("raw_events is held by another transaction")
+
+    monkeypatch.setattr(retention_module, "apply_retention", held)
+    with pytest.raises(ServiceUnavailable):
+        tasks.apply_retention.run()
+
+    report = collect_status(settings)
+    jobs = report["maintenance"]
+    assert jobs["partitions"]["ok"] is True and jobs["partitions"]["last_s_ago"] <= 5
+    assert jobs["retention"]["ok"] is False
+    assert "raw_events is held by another transaction" in jobs["retention"]["result"]
+    assert any("retention" in problem for problem in report["problems"])
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(status_table(report))
+    shown = console.export_text()
+    assert "partitions" in shown and "failed: ServiceUnavailable" in shown
