@@ -229,8 +229,9 @@ def migrate(
 
 
 def _alembic_ini() -> Path:
-    """alembic.ini where the command runs (the image's /app), else in this checkout."""
-    for folder in (Path.cwd(), _ROOT):
+    """alembic.ini of this checkout, else where the command runs (the image's /app,
+    where the package is installed into site-packages without it)."""
+    for folder in (_ROOT, Path.cwd()):
         if (folder / "alembic.ini").is_file():
             return folder / "alembic.ini"
     _fail(

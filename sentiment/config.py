@@ -179,15 +179,17 @@ class Settings(BaseSettings):
             if not parts.path:
                 raise ValueError("names no socket path, e.g. unix:///run/redis.sock")
             return value
-        if not parts.hostname:
+        if "://" not in value.get_secret_value():  # redis-py takes an empty host as localhost
             raise ValueError("names no host, e.g. redis://:password@localhost:6379/0")
         try:
-            parts.port  # noqa: B018 - urlsplit checks the port only when asked
+            port = parts.port
         except ValueError:
-            port = parts.netloc.rpartition(":")[2]
-            if port.isdigit():
-                raise ValueError(f"port {port} is out of range (1-65535)") from None
-            raise ValueError(f"port {port!r} is not a number") from None
+            text = parts.netloc.rpartition(":")[2]
+            if text.isdigit():
+                raise ValueError(f"port {text} is out of range (1-65535)") from None
+            raise ValueError(f"port {text!r} is not a number") from None
+        if port == 0:
+            raise ValueError("port 0 is out of range (1-65535)")
         return value
 
     @field_validator("reddit_oauth_url", "reddit_url")

@@ -77,7 +77,9 @@ _MARK = text(
     )
     SELECT
         (SELECT count(*) FROM updated) AS updated,
-        (SELECT count(*) FROM matched WHERE processed) AS already_processed,
+        -- Not `WHERE processed`: a row another transaction marks after our snapshot
+        -- is neither in that nor updated here, and it is already processed.
+        (SELECT count(*) FROM matched) - (SELECT count(*) FROM updated) AS already_processed,
         (SELECT count(*) FROM keys AS k WHERE NOT EXISTS (
             SELECT 1 FROM matched AS m
             WHERE m.id = k.id AND (k.occurred_at IS NULL OR m.occurred_at = k.occurred_at)

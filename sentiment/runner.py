@@ -77,7 +77,9 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS[1:]}
+    # A signal inherited as ignored stays so: `nohup sentiment run` must outlive its terminal.
+    previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS[1:]
+                if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
     try:
         yield
     finally:

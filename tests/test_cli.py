@@ -559,3 +559,19 @@ def test_status_beside_the_demo_sees_its_subreddits_and_its_rate_limit(settings,
     assert report["subreddits"]["stocks"]["last_run_s_ago"] >= 0
     assert report["subreddits"]["investing"]["scraping"] is True
     assert report["rate_limit"]["remaining"] == 91
+
+
+def test_run_keeps_a_signal_it_inherited_as_ignored():
+    """`nohup sentiment run`: SIGHUP ignored, so closing the terminal stops nothing."""
+    import signal
+
+    from sentiment.runner import _terminate_as_interrupt
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # ours
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -51,6 +51,7 @@ def test_subreddits_without_an_interval_take_scrape_interval_seconds(monkeypatch
         ("REDIS_URL", "redis://localhost:99999/0", "REDIS_URL: port 99999 is out of range"),
         ("REDIS_URL", "redis://localhost:abc/0", "REDIS_URL: port 'abc' is not a number"),
         ("REDIS_URL", "redis:localhost", "REDIS_URL: names no host"),
+        ("REDIS_URL", "redis://localhost:0/0", "REDIS_URL: port 0 is out of range"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, value, message):
@@ -138,3 +139,8 @@ def test_env_example_documents_every_setting_and_loads(tmp_path, monkeypatch):
     loaded = load_settings()
     assert [s.name for s in loaded.subreddits] == ["wallstreetbets", "stocks", "investing"]
     assert loaded.uses_embedded_postgres and loaded.uses_embedded_redis
+
+
+def test_a_redis_url_without_a_host_means_localhost_as_in_redis_py(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@/0")
+    assert load_settings().redis_url is not None

@@ -5,10 +5,11 @@ export writes each row once however often a batch is re-sent.
 
 Events are split into chunks of the deduplicated batch, oldest first (in
 Reddit's id order); each chunk is stored in one transaction, its rows in (id,
-occurred_at) order. Oldest first because a batch can die between two chunks:
-what is stored is then always the older part of each subreddit and kind, so
-the watermarks' fallback to the newest stored id never lies above an item that
-is not. A chunk is first tried the fast way:
+occurred_at) order. Oldest first because a batch can die between two chunks
+(or two halves of a chunk split around a refused record): what is stored is
+then always the older part of each subreddit and kind, so the watermarks'
+fallback to the newest stored id never lies above an item that is not. A
+chunk is first tried the fast way:
 
 * direct path: one binary COPY of the whole chunk straight into `raw_events`,
   with no look-up. If the COPY succeeds, every row of the chunk was new.
@@ -38,8 +39,9 @@ retried task re-sends rows we already have.
 
 With a `batch_id`, each chunk's outcome (which keys were new, how many were
 rejected) is written to `ingested_batches` in the chunk's transaction, whichever
-path stored it; a re-run of the batch replays those records instead of storing
-the chunks again.
+path stored it. A re-run of the batch hands on the rows those records name as
+new again, and still stores a recorded chunk through the stage path (nothing
+if all is there), in case that range held other rows when it was recorded.
 
 A chunk the database refuses for any other reason (a record it cannot take)
 goes to the stage path, where it is split in halves until the refusing record
@@ -115,6 +117,10 @@ _RECORD = """
 INSERT INTO ingested_batches (batch_id, first_row, last_row, new_keys, rejected)
 VALUES (%s, %s, %s, %s, %s)
 """
+_ADD_TO_RECORD = """
+UPDATE ingested_batches SET new_keys = new_keys || %s
+WHERE batch_id = %s AND first_row = %s AND last_row = %s
+"""
 _REJECT = """
 INSERT INTO rejected_events (event_id, source_id, occurred_at, reason, record)
 VALUES (%s, %s, %s, %s, %s)
@@ -180,9 +186,7 @@ def insert_batch(
     """
     engine = engine or get_sink_engine()
     chunk_size = chunk_size or get_settings().insert_batch_size
-    unique = _dedupe(events)
-    if len(unique) > chunk_size:
-        unique = _oldest_first(unique)
+    unique = _oldest_first(_dedupe(events))
     batch = _Batch(unique, batch_id, InsertResult(duplicates=len(events) - len(unique)))
     with _pooled(engine) as raw:
         conn: psycopg.Connection[Any] = raw.driver_connection
@@ -285,7 +289,7 @@ def _recorded_chunks(
 def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
     """Store events[first:last] in one transaction: a direct COPY if it may be new, else staged."""
     if (first, last) in batch.recorded:
-        _replay(batch, first, last)
+        _replay(conn, batch, first, last)
         return
     if batch.copy_first:
         try:
@@ -312,11 +316,25 @@ def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
         batch.copy_first = True
 
 
-def _replay(batch: _Batch, first: int, last: int) -> None:
-    """A chunk an earlier run of the batch stored: its rows that any run recorded as new
-    are new (by key, so a chunk ordered otherwise by an earlier version counts right)."""
+def _replay(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
+    """A chunk an earlier run of the batch recorded: its rows any run recorded as new are
+    new again. The chunk still goes through the stage path, which stores nothing when
+    all is there: the range may have held other rows when it was recorded (an earlier
+    version kept the batch's order), and those must not be taken as stored."""
     _, rejected = batch.recorded[(first, last)]
     chunk = batch.events[first:last]
+    stored_now: list[tuple[str, datetime]] = []
+    try:
+        with conn.transaction():
+            stored_now = _copy_and_insert(conn, chunk)
+            if stored_now:
+                keys = [[i, (at - _EPOCH) // _MICROSECOND] for i, at in stored_now]
+                conn.execute(_ADD_TO_RECORD, (Jsonb(keys), batch.batch_id, first, last))
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error:
+        pass  # a record it refuses: the chunk was stored around it, as recorded
+    batch.recorded_keys.update(stored_now)
     new_keys = [e.key for e in chunk if e.key in batch.recorded_keys]
     _count(batch.result, chunk, new_keys, min(rejected, len(chunk) - len(new_keys)))
 
@@ -383,7 +401,7 @@ def _in_key_order(events: list[RawEventDTO]) -> list[RawEventDTO]:
 def _stage_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
     """Store events[first:last] through the stage table; on a refused record, split and retry."""
     if (first, last) in batch.recorded:
-        _replay(batch, first, last)
+        _replay(conn, batch, first, last)
         return
     chunk = batch.events[first:last]
     try:

@@ -240,6 +240,35 @@ def test_a_batch_split_in_chunks_commits_its_oldest_items_first(db, monkeypatch)
     assert sorted(e.key for e in again.new) == sorted(e.key for e in batch)
 
 
+def test_a_rerun_whose_chunks_hold_other_rows_than_recorded_still_stores_them(db, monkeypatch):
+    """An earlier run (an earlier version, which kept the batch's order) recorded chunk
+    (0, 8) with other rows than the same range holds now: the re-run must not take
+    the record's word for what that range stored."""
+    from sentiment.sinks import postgres as pg_sink
+
+    batch = make_events(24)[::-1]  # newest first, as the scraper lists them
+    real_sort, real_copy, copies = pg_sink._oldest_first, pg_sink._copy_direct, []
+
+    def dies_on_the_second_chunk(*args):  # type: ignore[no-untyped-def]
+        copies.append(args)
+        if len(copies) == 2:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real_copy(*args)
+
+    monkeypatch.setattr(pg_sink, "_oldest_first", list)  # the order given, as before
+    monkeypatch.setattr(pg_sink, "_copy_direct", dies_on_the_second_chunk)
+    with pytest.raises(ServiceUnavailable):
+        insert_batch(batch, batch_id="reordered", chunk_size=8)
+    monkeypatch.setattr(pg_sink, "_oldest_first", real_sort)
+    monkeypatch.setattr(pg_sink, "_copy_direct", real_copy)
+
+    again = insert_batch(batch, batch_id="reordered", chunk_size=8)
+
+    assert sorted(_stored_keys(db)) == sorted(e.key for e in batch)
+    assert sorted(e.key for e in again.new) == sorted(e.key for e in batch)
+    assert sorted(e.key for e in stored_new_events("reordered")) == sorted(e.key for e in batch)
+
+
 def test_a_rejected_record_is_quarantined_once_across_reruns(db):
     poison = make_poison(event_id="zzz998")
     batch = [*make_events(20), poison]
