@@ -39,9 +39,11 @@ retried task re-sends rows we already have.
 
 With a `batch_id`, each chunk's outcome (which keys were new, how many were
 rejected) is written to `ingested_batches` in the chunk's transaction, whichever
-path stored it. A re-run of the batch hands on the rows those records name as
-new again, and still stores a recorded chunk through the stage path (nothing
-if all is there), in case that range held other rows when it was recorded.
+path stored it. A re-run of the batch takes a recorded chunk the stage way,
+which stores nothing when all is there (and anything that is not: that range
+may have held other rows when it was recorded, as under an earlier version
+that kept the batch's order), adds what it stored to the record, and hands on
+every row of the chunk that any record names as new.
 
 A chunk the database refuses for any other reason (a record it cannot take)
 goes to the stage path, where it is split in halves until the refusing record
@@ -99,9 +101,7 @@ ORDER BY id COLLATE "C", occurred_at
 ON CONFLICT (id, occurred_at) DO NOTHING
 RETURNING id, occurred_at
 """
-_RECORDED = """
-SELECT first_row, last_row, new_keys, rejected FROM ingested_batches WHERE batch_id = %s
-"""
+_RECORDED = "SELECT first_row, last_row, new_keys FROM ingested_batches WHERE batch_id = %s"
 _HAS_RECORD = "SELECT 1 FROM ingested_batches WHERE batch_id = %s LIMIT 1"
 _NEW_EVENTS = """
 SELECT r.id, r.occurred_at, r.source_id, r.event_type, r.payload
@@ -116,10 +116,8 @@ ORDER BY b.first_row, k.n
 _RECORD = """
 INSERT INTO ingested_batches (batch_id, first_row, last_row, new_keys, rejected)
 VALUES (%s, %s, %s, %s, %s)
-"""
-_ADD_TO_RECORD = """
-UPDATE ingested_batches SET new_keys = new_keys || %s
-WHERE batch_id = %s AND first_row = %s AND last_row = %s
+ON CONFLICT (batch_id, first_row, last_row) DO UPDATE
+SET new_keys = ingested_batches.new_keys || EXCLUDED.new_keys, rejected = EXCLUDED.rejected
 """
 _REJECT = """
 INSERT INTO rejected_events (event_id, source_id, occurred_at, reason, record)
@@ -192,9 +190,7 @@ def insert_batch(
         conn: psycopg.Connection[Any] = raw.driver_connection
         _prepare(conn, raw.info)
         if batch_id is not None:
-            batch.recorded = _recorded_chunks(conn, batch_id)
-            batch.recorded_keys = {key for keys, _ in batch.recorded.values()
-                                   for key in _decoded(keys)}  # fmt: skip
+            batch.recorded, batch.recorded_keys = _recorded(conn, batch_id)
         for start in range(0, len(unique), chunk_size):
             _store_chunk(conn, batch, start, min(start + chunk_size, len(unique)))
     return batch.result
@@ -244,7 +240,7 @@ class _Batch:
     events: list[RawEventDTO]
     batch_id: str | None
     result: InsertResult
-    recorded: dict[tuple[int, int], tuple[list[Any], int]] = field(default_factory=dict)
+    recorded: set[tuple[int, int]] = field(default_factory=set)  # chunk bounds with a record
     recorded_keys: set[tuple[str, datetime]] = field(default_factory=set)  # new in any record
     # Try the direct COPY first: at the start of a call, and again after a chunk
     # the stage path found to hold no stored row.
@@ -278,18 +274,21 @@ def _prepare(conn: psycopg.Connection[Any], info: dict[str, Any]) -> None:
     info["stage_ready"] = True
 
 
-def _recorded_chunks(
+def _recorded(
     conn: psycopg.Connection[Any], batch_id: str
-) -> dict[tuple[int, int], tuple[list[Any], int]]:
+) -> tuple[set[tuple[int, int]], set[tuple[str, datetime]]]:
+    """The chunk bounds an earlier run of the batch recorded, and the keys it stored as new."""
     with conn.transaction():
         rows = conn.execute(_RECORDED, (batch_id,)).fetchall()
-    return {(first, last): (keys, rejected) for first, last, keys, rejected in rows}
+    return {(first, last) for first, last, _ in rows}, {
+        key for _, _, keys in rows for key in _decoded(keys)
+    }
 
 
 def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
     """Store events[first:last] in one transaction: a direct COPY if it may be new, else staged."""
-    if (first, last) in batch.recorded:
-        _replay(conn, batch, first, last)
+    if (first, last) in batch.recorded:  # a re-run: the COPY would meet the stored rows
+        _stage_chunk(conn, batch, first, last)
         return
     if batch.copy_first:
         try:
@@ -316,29 +315,6 @@ def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
         batch.copy_first = True
 
 
-def _replay(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
-    """A chunk an earlier run of the batch recorded: its rows any run recorded as new are
-    new again. The chunk still goes through the stage path, which stores nothing when
-    all is there: the range may have held other rows when it was recorded (an earlier
-    version kept the batch's order), and those must not be taken as stored."""
-    _, rejected = batch.recorded[(first, last)]
-    chunk = batch.events[first:last]
-    stored_now: list[tuple[str, datetime]] = []
-    try:
-        with conn.transaction():
-            stored_now = _copy_and_insert(conn, chunk)
-            if stored_now:
-                keys = [[i, (at - _EPOCH) // _MICROSECOND] for i, at in stored_now]
-                conn.execute(_ADD_TO_RECORD, (Jsonb(keys), batch.batch_id, first, last))
-    except psycopg.OperationalError:
-        raise
-    except psycopg.Error:
-        pass  # a record it refuses: the chunk was stored around it, as recorded
-    batch.recorded_keys.update(stored_now)
-    new_keys = [e.key for e in chunk if e.key in batch.recorded_keys]
-    _count(batch.result, chunk, new_keys, min(rejected, len(chunk) - len(new_keys)))
-
-
 def _decoded(keys: list[Any]) -> list[tuple[str, datetime]]:
     """Keys as `_record` stores them ([id, microseconds since the epoch]) as (id, time)."""
     return [(k[0], _EPOCH + k[1] * _MICROSECOND) for k in keys]
@@ -347,9 +323,9 @@ def _decoded(keys: list[Any]) -> list[tuple[str, datetime]]:
 def _stored_earlier(
     batch: _Batch, chunk: list[RawEventDTO], new_keys: list[tuple[str, datetime]]
 ) -> list[tuple[str, datetime]]:
-    """Keys of `chunk` beyond `new_keys` that an earlier run of this batch stored as new,
-    under other chunk bounds (a run with another INSERT_BATCH_SIZE): still new to
-    the batch, so they are handed on again. Records never share a key: each one
+    """Keys of `chunk` beyond `new_keys` that an earlier run of this batch stored as new
+    (under these chunk bounds or others, as with another INSERT_BATCH_SIZE): still
+    new to the batch, so they are handed on again. Records never share a key: each
     holds only the rows its own chunk inserted."""
     if not batch.recorded_keys:
         return []
@@ -400,9 +376,6 @@ def _in_key_order(events: list[RawEventDTO]) -> list[RawEventDTO]:
 
 def _stage_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last: int) -> None:
     """Store events[first:last] through the stage table; on a refused record, split and retry."""
-    if (first, last) in batch.recorded:
-        _replay(conn, batch, first, last)
-        return
     chunk = batch.events[first:last]
     try:
         with conn.transaction():
