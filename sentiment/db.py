@@ -5,17 +5,26 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, text
 
 from sentiment.config import Settings, get_settings
 
-__all__ = ["MAINTENANCE_LOCK_WAIT_S", "connect_args", "get_engine", "make_engine"]
+__all__ = [
+    "MAINTENANCE_LOCK_WAIT_S", "connect_args", "get_engine", "lock_raw_events", "make_engine",
+]  # fmt: skip
 
 # How long retention and the partition keeper wait to take raw_events whole. Every
 # query that comes later queues behind such a wait, so it stays short; a
 # transaction that holds the table longer (a sentiment worker's claim) makes the
 # job step back and retry, instead of stalling inserts or deadlocking the claim.
 MAINTENANCE_LOCK_WAIT_S = 2
+
+
+def lock_raw_events(conn: Connection) -> None:
+    """Take raw_events whole (ACCESS EXCLUSIVE) for this transaction, first of all its
+    locks, waiting at most MAINTENANCE_LOCK_WAIT_S: else OperationalError (lock timeout)."""
+    conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
+    conn.execute(text("LOCK TABLE raw_events IN ACCESS EXCLUSIVE MODE"))
 
 
 def connect_args(application_name: str) -> dict[str, object]:

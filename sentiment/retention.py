@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
-from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine
+from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine, lock_raw_events
 from sentiment.errors import ServiceUnavailable
 
 __all__ = ["RetentionResult", "apply_retention"]
@@ -118,10 +118,9 @@ def apply_retention(
 
 
 def _lock_raw_events(conn: Connection) -> None:
-    """Take raw_events whole, waiting at most MAINTENANCE_LOCK_WAIT_S (see the module doc)."""
-    conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
+    """Take raw_events whole (see the module doc); a transaction holding it is a retry."""
     try:
-        conn.execute(text("LOCK TABLE raw_events IN ACCESS EXCLUSIVE MODE"))
+        lock_raw_events(conn)
     except OperationalError as exc:
         if getattr(exc.orig, "pgcode", None) != _LOCK_NOT_AVAILABLE:
             raise

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from rich.console import Console
@@ -70,31 +71,30 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _handling(signals: list[signal.Signals], handler: Any) -> Iterator[None]:
+    """`handler` for `signals` inside the block; their own handlers back afterwards."""
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """SIGTERM and SIGHUP (a supervisor, `timeout`, a closed terminal) stop a run as
-    Ctrl-C does: the children live in sessions of their own and would be orphaned."""
+    Ctrl-C does: the children live in sessions of their own and would be orphaned.
+    A signal inherited as ignored stays so: `nohup sentiment run` outlives its terminal."""
 
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    # A signal inherited as ignored stays so: `nohup sentiment run` must outlive its terminal.
-    previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS[1:]
-                if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    caught = [s for s in _STOP_SIGNALS[1:] if signal.getsignal(s) is not signal.SIG_IGN]
+    return _handling(caught, interrupt)
 
 
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _signals_ignored() -> contextlib.AbstractContextManager[None]:
+    return _handling(list(_STOP_SIGNALS), signal.SIG_IGN)
 
 
 @dataclass
@@ -139,7 +139,8 @@ class Runner:
         try:
             ensure_services(self.settings, started=started)
             # A Redis that is configured but down: one line now, not a child's traceback.
-            redis.Redis.from_url(self.settings.redis_connection_url(), socket_timeout=5).ping()
+            with redis.Redis.from_url(self.settings.redis_connection_url(), socket_timeout=5) as r:
+                r.ping()
             self._migrate(env)
             if not self.settings.has_reddit_credentials:
                 self._spawn(

@@ -114,7 +114,10 @@ def _collect_redis(settings: Settings, names: list[str], report: dict[str, Any])
                 "requests_granted": int(limiter.get(b"granted", 0)),
                 "times_limited": int(limiter.get(b"limited", 0)),
             }
-        for name in sorted({*names, *report["subreddits"], *_scraped(client)}):
+        # No names given or configured (`sentiment status` beside the demo `sentiment
+        # run`): those with a run on record or a scrape in progress.
+        found = set() if names else _scraped(client)
+        for name in sorted({*names, *report["subreddits"], *found}):
             entry = report["subreddits"].setdefault(name, {})
             run = {_text(k): _text(v) for k, v in client.hgetall(runs_key(name)).items()}
             if "at" in run:
@@ -152,8 +155,7 @@ def _maintenance(client: redis.Redis, report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scraped(client: redis.Redis) -> set[str]:
-    """Subreddits with a run on record or a scrape in progress, configured or not
-    (`sentiment run` without SUBREDDITS scrapes its demo ones)."""
+    """Subreddits with a run on record or a scrape in progress."""
     names = set()
     for pattern in (runs_key("*"), scrape_lock_key("*")):
         prefix = pattern[:-1]

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
@@ -33,7 +33,7 @@ from sqlalchemy import text
 from sentiment import audit, pipeline, processing, retention
 from sentiment.celery_app import app
 from sentiment.config import get_settings, valid_subreddit
-from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine
+from sentiment.db import get_engine, lock_raw_events
 from sentiment.errors import (
     InvalidSubreddit,
     RedditAuthError,
@@ -247,15 +247,18 @@ def export_missing() -> dict[str, int]:
 @app.task(bind=True, name="sentiment.tasks.keep_partitions", **_RETRY)
 def keep_partitions(self: Task) -> dict[str, int]:
     """Create future daily partitions (plain PostgreSQL) and prune old chunk records."""
-    with _maintenance("partitions"), get_engine().begin() as conn:
-        # Creating a partition takes raw_events whole: wait briefly, else retry later.
-        conn.execute(text(f"SET LOCAL lock_timeout = '{MAINTENANCE_LOCK_WAIT_S}s'"))
+    return _maintained("partitions", _keep_partitions)
+
+
+def _keep_partitions() -> dict[str, int]:
+    with get_engine().begin() as conn:
         created = 0
         if conn.execute(text("SELECT to_regproc('raw_events_ensure_partitions')")).scalar():
-            # The table first, before the keeper lifts a day's rows out of the default
-            # partition: an insert landing there in between would make creating that
-            # day's partition fail. Inserts wait the few milliseconds this takes.
-            conn.execute(text("LOCK TABLE raw_events IN ACCESS EXCLUSIVE MODE"))
+            # Creating a partition takes raw_events whole: wait briefly, else retry
+            # later. And take it first, before the keeper lifts a day's rows out of
+            # the default partition: an insert landing there in between would make
+            # creating that day's partition fail.
+            lock_raw_events(conn)
             created = conn.execute(
                 text("SELECT count(*) FROM raw_events_ensure_partitions(:days)"),
                 {"days": _settings.partition_days_ahead},
@@ -263,24 +266,23 @@ def keep_partitions(self: Task) -> dict[str, int]:
         pruned = conn.execute(
             text("DELETE FROM ingested_batches WHERE created_at < now() - interval '7 days'")
         ).rowcount
-    summary = {"partitions_created": created, "batch_records_pruned": pruned}
-    pipeline.record_maintenance("partitions", result=json.dumps(summary), ok=True)
-    return summary
+    return {"partitions_created": created, "batch_records_pruned": pruned}
 
 
-@contextlib.contextmanager
-def _maintenance(job: str) -> Iterator[None]:
-    """Record a maintenance job's failure for `sentiment status` (it retries all the same).
+def _maintained(job: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a maintenance job and record how it went for `sentiment status`.
 
-    Retention that back-to-back claims keep out fails every hour; without this,
-    only the worker's log would say so.
+    Retention that back-to-back claims keep out fails every hour (and retries);
+    without this, only the worker's log would say so.
     """
     try:
-        yield
+        summary = work()
     except Exception as exc:
         with contextlib.suppress(redis.exceptions.RedisError):
             pipeline.record_maintenance(job, result=f"{type(exc).__name__}: {exc}", ok=False)
         raise
+    pipeline.record_maintenance(job, result=json.dumps(summary), ok=True)
+    return summary
 
 
 @app.task(bind=True, name="sentiment.tasks.apply_retention", **_RETRY)
@@ -288,7 +290,5 @@ def apply_retention(self: Task) -> dict[str, object]:
     """Drop raw events older than RETENTION_DAYS that are processed (no-op when unset)."""
     if _settings.retention_days is None:
         return {"skipped": "RETENTION_DAYS is not set"}
-    with _maintenance("retention"):
-        summary = retention.apply_retention(_settings.retention_days).summary()
-    pipeline.record_maintenance("retention", result=json.dumps(summary), ok=True)
-    return summary
+    days = _settings.retention_days
+    return _maintained("retention", lambda: retention.apply_retention(days).summary())
