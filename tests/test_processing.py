@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
+from sentiment.db import get_engine
 from sentiment.processing import claim_unprocessed, mark_processed
 from sentiment.sinks.postgres import insert_batch
 from tests.factories import make_event
@@ -176,7 +178,6 @@ def test_claim_takes_claim_batch_size_rows_unless_told(db, monkeypatch):
 def test_connections_let_the_server_notice_a_client_that_vanished_mid_claim(db):
     """A sentiment worker's machine that drops off the network keeps its claim's locks
     until the server notices; TCP keepalives make that minutes, not hours."""
-    from sentiment.db import get_engine
     from sentiment.sinks.postgres import get_sink_engine
 
     for engine in (get_engine(), get_sink_engine()):
@@ -184,3 +185,43 @@ def test_connections_let_the_server_notice_a_client_that_vanished_mid_claim(db):
             shown = [conn.execute(text(f"SHOW tcp_keepalives_{name}")).scalar()
                      for name in ("idle", "interval", "count")]  # fmt: skip
         assert shown == ["60", "10", "6"]
+
+
+def test_two_marks_of_the_same_rows_at_once_count_each_row_once(db):
+    """A mark that waits on another's row locks re-checks those rows once the other
+    commits: the other updated them, so this one counts them as already processed,
+    not as neither (its snapshot, taken before that commit, saw them unprocessed)."""
+    events = _events(6)
+    insert_batch(events)
+    keys = [e.key for e in events]
+    results = []
+
+    with get_engine().connect() as first:
+        with first.begin():
+            results.append(mark_processed(keys, connection=first))  # holds the row locks
+            pid = first.execute(text("SELECT pg_backend_pid()")).scalar()
+            second = threading.Thread(target=lambda: results.append(mark_processed(keys)))
+            second.start()
+            _wait_until_blocked_by(pid)
+        second.join(timeout=30)
+
+    assert not second.is_alive()
+    assert [r.summary() for r in results] == [
+        {"updated": 6, "already_processed": 0, "unknown": 0, "invalid": 0},
+        {"updated": 0, "already_processed": 6, "unknown": 0, "invalid": 0},
+    ]
+
+
+_BLOCKED_BY = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+
+
+def _wait_until_blocked_by(pid: int) -> None:
+    """Return once some other session waits for a lock that backend `pid` holds."""
+    with get_engine().connect() as watch:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            waiting = watch.execute(_BLOCKED_BY, {"pid": pid}).scalar()
+            if waiting:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the second mark never waited for the first one's locks")
