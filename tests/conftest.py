@@ -120,6 +120,26 @@ def raw_events_partitions(scratch) -> list[str]:  # type: ignore[no-untyped-def]
         )
 
 
+def wait_for_a_lock_wait(scratch, waiter: str) -> None:  # type: ignore[no-untyped-def]
+    """Return once a session of engine `scratch`'s database waits for a lock; else fail,
+    saying that `waiter` never waited. Each look ends its transaction: pg_stat_activity
+    is a snapshot taken once per transaction."""
+    import time
+
+    from sqlalchemy import text
+
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    with scratch.connect() as conn:
+        while not conn.execute(query).scalar():
+            assert time.monotonic() < deadline, f"{waiter} never waited for a lock"
+            time.sleep(0.05)
+            conn.rollback()
+
+
 def use_layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """Make the next migration use STORAGE_LAYOUT `layout`."""
     from sentiment.config import get_settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,6 +11,7 @@ from sqlalchemy import text
 from sentiment.db import get_engine
 from sentiment.processing import claim_unprocessed, mark_processed
 from sentiment.sinks.postgres import insert_batch
+from tests.conftest import wait_for_a_lock_wait
 from tests.factories import make_event
 
 
@@ -196,13 +196,12 @@ def test_two_marks_of_the_same_rows_at_once_count_each_row_once(db):
     keys = [e.key for e in events]
     results = []
 
-    with get_engine().connect() as first:
+    with db.connect() as first:
         with first.begin():
             results.append(mark_processed(keys, connection=first))  # holds the row locks
-            pid = first.execute(text("SELECT pg_backend_pid()")).scalar()
             second = threading.Thread(target=lambda: results.append(mark_processed(keys)))
             second.start()
-            _wait_until_blocked_by(pid)
+            wait_for_a_lock_wait(db, "the second mark")
         second.join(timeout=30)
 
     assert not second.is_alive()
@@ -210,18 +209,3 @@ def test_two_marks_of_the_same_rows_at_once_count_each_row_once(db):
         {"updated": 6, "already_processed": 0, "unknown": 0, "invalid": 0},
         {"updated": 0, "already_processed": 6, "unknown": 0, "invalid": 0},
     ]
-
-
-_BLOCKED_BY = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
-
-
-def _wait_until_blocked_by(pid: int) -> None:
-    """Return once some other session waits for a lock that backend `pid` holds."""
-    with get_engine().connect() as watch:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            waiting = watch.execute(_BLOCKED_BY, {"pid": pid}).scalar()
-            if waiting:
-                return
-            time.sleep(0.02)
-    raise AssertionError("the second mark never waited for the first one's locks")

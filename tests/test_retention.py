@@ -14,7 +14,7 @@ from sentiment.config import Settings
 from sentiment.retention import apply_retention
 from sentiment.schedule import build_beat_schedule
 from sentiment.tasks import apply_retention as apply_retention_task
-from tests.conftest import raw_events_partitions, run_alembic, use_layout
+from tests.conftest import raw_events_partitions, run_alembic, use_layout, wait_for_a_lock_wait
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 _INSERT = text(
@@ -126,7 +126,7 @@ def test_a_row_written_while_retention_runs_is_not_lost(partitioned):
         late = writer.begin()  # an old, unprocessed row, not yet committed
         writer.execute(_INSERT, {"id": "late40", "at": _days_ago(40), "processed": False})
         running = pool.submit(apply_retention, 30, engine=partitioned, now=NOW)
-        _wait_for_a_lock_wait(partitioned)
+        wait_for_a_lock_wait(partitioned, "retention")
         late.commit()
         result = running.result(timeout=30)
 
@@ -176,7 +176,7 @@ def test_retention_steps_back_from_an_open_claim_without_stalling_anyone(any_lay
         worker = pool.submit(sentiment_worker)
         assert claimed.wait(10)
         running = pool.submit(apply_retention, 30, engine=any_layout, now=NOW)
-        _wait_for_a_lock_wait(any_layout)
+        wait_for_a_lock_wait(any_layout, "retention")
         insert_took = pool.submit(late_insert).result(timeout=30)
         with pytest.raises(ServiceUnavailable, match="raw_events is in use"):
             running.result(timeout=30)
@@ -190,19 +190,6 @@ def test_retention_steps_back_from_an_open_claim_without_stalling_anyone(any_lay
 def _is_partitioned(scratch: Engine) -> bool:
     with scratch.connect() as conn:
         return bool(conn.execute(text("SELECT to_regclass('raw_events_default')")).scalar())
-
-
-def _wait_for_a_lock_wait(scratch: Engine) -> None:
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    deadline = time.monotonic() + 10
-    with scratch.connect() as conn:
-        while not conn.execute(query).scalar():
-            assert time.monotonic() < deadline, "retention never waited for the writer"
-            time.sleep(0.05)
-            conn.rollback()
 
 
 def test_a_dry_run_reports_exactly_what_a_run_drops_and_drops_nothing(partitioned):
