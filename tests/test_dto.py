@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -216,3 +218,38 @@ def test_events_serialise_with_pydantic_without_warnings():
     assert dumped["occurred_at"] == "2024-05-01T01:02:03Z"
     assert dumped["payload"] == event.payload
     assert RawEventDTO.model_validate_json(event.model_dump_json()) == event
+
+
+def _lazy_twin(event: RawEventDTO) -> RawEventDTO:
+    return RawEventDTO.from_trusted_json(
+        id=event.id,
+        occurred_at=event.occurred_at,
+        source_id=event.source_id,
+        event_type=event.event_type,
+        payload_json=event.payload_json,
+    )
+
+
+def test_an_event_whose_payload_is_decoded_on_use_behaves_like_any_other():
+    eager = _event(payload={"title": "é \U0001f600", "nested": {"list": [1, 2.5, None, True]}})
+
+    assert _lazy_twin(eager) == eager
+    assert eager == _lazy_twin(eager)
+    assert _lazy_twin(eager) != _event(payload={"title": "other"})
+    assert repr(_lazy_twin(eager)) == repr(eager)
+    assert _lazy_twin(eager).model_dump() == eager.model_dump()
+    assert _lazy_twin(eager).model_dump_json() == eager.model_dump_json()
+    assert pickle.loads(pickle.dumps(_lazy_twin(eager))) == eager
+    assert copy.copy(_lazy_twin(eager)) == eager
+    assert copy.deepcopy(_lazy_twin(eager)) == eager
+    assert _lazy_twin(eager).model_copy(update={"id": "zz1"}).payload == eager.payload
+    lazy = _lazy_twin(eager)
+    assert lazy.payload == eager.payload
+    assert lazy.payload is lazy.payload  # decoded once, then kept
+    assert lazy.payload_json is eager.payload_json  # never encoded again
+    assert lazy.model_fields_set == eager.model_fields_set
+
+
+def test_an_event_decoded_on_use_still_refuses_unknown_attributes():
+    with pytest.raises(AttributeError, match="nonsense"):
+        _lazy_twin(_event()).nonsense  # noqa: B018 - the access is the test

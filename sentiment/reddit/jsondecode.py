@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
 import orjson
 
-__all__ = ["OrjsonResponse", "decode_json"]
+__all__ = ["OrjsonResponse", "decode_json", "no_huge_integers", "raw_body"]
 
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _NINETEEN_DIGITS = b"0" * 19
@@ -42,16 +45,42 @@ _AIOHTTP_LOADS = json.loads  # aiohttp's default `loads`, the one asyncprawcore 
 
 def decode_json(body: bytes) -> Any:
     """What `json.loads(body.decode("utf-8"))` returns (or raises), mostly decoded by orjson."""
-    masked = body.translate(_DIGITS_TO_ZERO)
-    # The common case costs one search: no run of 19 digits at all.
-    if _NINETEEN_DIGITS not in masked or (
-        _TWENTY_DIGITS not in masked and _MINUS_NINETEEN_DIGITS not in masked
-    ):
+    if no_huge_integers(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass  # lone surrogates, NaN, invalid JSON: json's answer, below
     return json.loads(body.decode("utf-8"))
+
+
+def no_huge_integers(body: bytes) -> bool:
+    """Whether `body` surely holds no integer literal outside [-2**63, 2**64), the
+    range in which orjson reads integers as `json` does (exactly)."""
+    masked = body.translate(_DIGITS_TO_ZERO)
+    # The common case costs one search: no run of 19 digits at all.
+    return _NINETEEN_DIGITS not in masked or (
+        _TWENTY_DIGITS not in masked and _MINUS_NINETEEN_DIGITS not in masked
+    )
+
+
+_RAW_PATH: ContextVar[str | None] = ContextVar("sentiment_raw_body_path", default=None)
+
+
+@contextmanager
+def raw_body(path: str) -> Iterator[None]:
+    """Within this block (in this task), a successful JSON response from a URL
+    ending in `path` comes back from `json()` as its undecoded bytes.
+
+    For a caller that decodes the body its own way but wants it fetched through
+    asyncprawcore (authentication, token refresh, retries), which hands back
+    whatever `json()` returns. Any other response (the token endpoint, errors)
+    is decoded as always.
+    """
+    token = _RAW_PATH.set("/" + path.strip("/"))
+    try:
+        yield
+    finally:
+        _RAW_PATH.reset(token)
 
 
 def _codec(name: str) -> str:
@@ -87,4 +116,7 @@ class OrjsonResponse(aiohttp.ClientResponse):
         # (error handlers read a 4xx's reason once the response is closed).
         body = self._body if self._body is not None else await self.read()
         stripped = body.strip()
+        raw_path = _RAW_PATH.get()
+        if raw_path is not None and self.status == 200 and self.url.path.endswith(raw_path):
+            return stripped
         return decode_json(stripped) if stripped else None

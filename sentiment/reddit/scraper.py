@@ -39,13 +39,15 @@ from datetime import datetime
 from typing import Any, Literal
 
 import asyncpraw
+import msgspec
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from sentiment.config import valid_subreddit
-from sentiment.dto import RawEventDTO
-from sentiment.errors import InvalidSubreddit, RedditError
+from sentiment.dto import RawEventDTO, canonical_id, to_utc
+from sentiment.errors import InvalidSubreddit, RedditError, RedditUnavailable
 from sentiment.reddit.client import translate_error
 from sentiment.reddit.ids import base36_to_int
+from sentiment.reddit.jsondecode import decode_json, no_huge_integers, raw_body
 
 __all__ = [
     "KINDS", "LISTING_DEPTH", "PAGE_SIZE", "Kind", "KindResult", "ScrapeResult", "scrape_subreddit",
@@ -181,7 +183,7 @@ async def _scrape_kind(
     while True:
         page = await _fetch_page(reddit, subreddit, kind, after, attempts)
         result.requests += 1
-        children = page.get("children") or []
+        children = page.children
         if not children and after is not None:
             # The cursor was removed since the last page (or the listing ended
             # right after a full page): go on from the next-older item we saw.
@@ -196,7 +198,7 @@ async def _scrape_kind(
             result.newest_id = None  # propose none: what lies below is unseen
             return result
         reached, page_ids = reader.take(children)
-        after = page.get("after")
+        after = page.after
         cursors = [_FULLNAME[kind] + item_id for item_id in page_ids[:-1]]
         if reached:
             return result
@@ -231,10 +233,13 @@ class _PageReader:
         page_ids: list[str] = []
         for child in children:
             self.listed += 1
-            item = child.get("data") if isinstance(child, dict) else None
-            item_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(child, _Child):  # the page decoded on the fast path
+                item: Any = _Item.read(child.data)
+            else:
+                item = child.get("data") if isinstance(child, dict) else None
+            item_id = item.get("id") if isinstance(item, dict | _Item) else None
             if not (
-                isinstance(item, dict)
+                isinstance(item, dict | _Item)
                 and isinstance(item_id, str)
                 and item_id.isascii()
                 and item_id.isalnum()
@@ -266,7 +271,7 @@ class _PageReader:
                 result.newest_id = event.id
         return reached, page_ids
 
-    def _recheck(self, item: dict[str, Any], item_id: str) -> None:
+    def _recheck(self, item: dict[str, Any] | _Item, item_id: str) -> None:
         """Hand on an item at or below the watermark if it was created within
         `lookback` seconds of the first such item (the watermark, most often)."""
         created = item.get("created_utc")
@@ -282,10 +287,19 @@ class _PageReader:
             self.result.rechecked.append(event)
 
 
+@dataclass
+class _Page:
+    """One listing page: its children (`_Child`, or decoded JSON on the slow path)
+    and Reddit's cursor to the next page."""
+
+    children: list[Any]
+    after: Any
+
+
 async def _fetch_page(
     reddit: asyncpraw.Reddit, subreddit: str, kind: Kind, after: str | None, attempts: int
-) -> dict[str, Any]:
-    """One listing page as raw JSON, retried with backoff and jitter when Reddit falters."""
+) -> _Page:
+    """One listing page, retried with backoff and jitter when Reddit falters."""
     params: dict[str, str | int] = {"limit": PAGE_SIZE, "raw_json": 1}
     if after:
         params["after"] = after
@@ -298,18 +312,122 @@ async def _fetch_page(
     ):
         with attempt:
             try:
-                body = await reddit.request(method="GET", path=path, params=params)
+                with raw_body(path):  # the body's bytes: `_read_listing` decodes them
+                    body = await reddit.request(method="GET", path=path, params=params)
             except RedditError:
                 raise
             except Exception as exc:  # asyncprawcore's errors, translated at the boundary
                 raise await translate_error(exc, subreddit) from exc
-    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+            page = _read_listing(body, subreddit)
+    if page is None:
         raise RedditError(f"r/{subreddit}/{_LISTING[kind]} did not return a listing")
-    return body["data"]  # type: ignore[no-any-return]
+    return page
 
 
-def _to_event(item: dict[str, Any], subreddit: str, kind: Kind) -> RawEventDTO | None:
+# -- decoding a listing page ---------------------------------------------------
+#
+# A page is ~100 items of ~2 KB of JSON, and an event needs its item as JSON
+# bytes (for the database, the batch blob and the CSV) far more often than as
+# a dict. So the fast path never builds the dicts: msgspec splits the page
+# into each item's raw bytes and reads from each only the three fields the
+# scraper needs; the event keeps the bytes as its payload JSON and decodes
+# them only if something reads `payload` (`RawEventDTO.from_trusted_json`).
+# The bytes go to the database as Reddit sent them, so the fast path takes
+# only pages it can vouch for: valid UTF-8, no escaped NUL (PostgreSQL refuses
+# it), no lone surrogate (msgspec refuses those), no integer beyond 64 bits
+# (`payload` decodes like `json` would). Any other page, and any item whose
+# three fields are not what they should be, goes the general way: decoded
+# JSON, checked and cleaned by `RawEventDTO.from_reddit`.
+
+
+class _Child(msgspec.Struct):
+    data: msgspec.Raw
+
+
+class _ListingData(msgspec.Struct):
+    children: list[_Child] = msgspec.field(default_factory=list)
+    after: str | None = None
+
+
+class _Listing(msgspec.Struct):
+    data: _ListingData
+
+
+class _Head(msgspec.Struct):
+    id: str
+    created_utc: float
+    stickied: bool = False
+
+
+_LISTING_DECODER = msgspec.json.Decoder(_Listing)
+_HEAD_DECODER = msgspec.json.Decoder(_Head)
+_NUL_ESCAPE = b"\\u0000"
+
+
+def _read_listing(body: Any, subreddit: str) -> _Page | None:
+    """A listing page from a response body (bytes, or JSON asyncprawcore decoded);
+    None when the body is not a listing."""
+    if isinstance(body, bytes):
+        page = _fast_listing(body)
+        if page is not None:
+            return page
+        try:
+            body = decode_json(body) if body else None
+        except ValueError:  # what asyncprawcore reports as BadJSON
+            raise RedditUnavailable(
+                f"Reddit is unavailable (BadJSON) while scraping r/{subreddit}"
+            ) from None
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        return None
+    data = body["data"]
+    return _Page(children=data.get("children") or [], after=data.get("after"))
+
+
+def _fast_listing(body: bytes) -> _Page | None:
+    if _NUL_ESCAPE in body or not no_huge_integers(body):
+        return None
     try:
+        body.decode("utf-8")  # msgspec checks the UTF-8 only of what it decodes
+        listing = _LISTING_DECODER.decode(body)
+    except (UnicodeDecodeError, msgspec.DecodeError):
+        return None
+    return _Page(children=listing.data.children, after=listing.data.after)
+
+
+class _Item:
+    """A listing item on the fast path: the fields the scraper reads, and its JSON.
+
+    Offers the `get` that the scraper uses on a decoded item.
+    """
+
+    __slots__ = ("_fields", "json")
+
+    def __init__(self, head: _Head, json: bytes) -> None:
+        self._fields = {"id": head.id, "created_utc": head.created_utc, "stickied": head.stickied}
+        self.json = json
+
+    @staticmethod
+    def read(raw: msgspec.Raw) -> _Item | dict[str, Any] | Any:
+        """The item, or its decoded JSON when its fields need the general path."""
+        try:
+            return _Item(_HEAD_DECODER.decode(raw), bytes(raw))
+        except msgspec.DecodeError:
+            return decode_json(bytes(raw))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._fields.get(key, default)
+
+
+def _to_event(item: dict[str, Any] | _Item, subreddit: str, kind: Kind) -> RawEventDTO | None:
+    try:
+        if isinstance(item, _Item):
+            return RawEventDTO.from_trusted_json(
+                id=canonical_id(item.get("id")),
+                occurred_at=to_utc(item.get("created_utc")),
+                source_id=subreddit,
+                event_type=kind,
+                payload_json=item.json,
+            )
         return RawEventDTO.from_reddit(item, subreddit, kind)
     except (KeyError, TypeError, ValueError, OverflowError, OSError):
         log.info("skipped a malformed %s in r/%s", kind, subreddit, extra={"subreddit": subreddit})

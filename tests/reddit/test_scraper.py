@@ -7,11 +7,13 @@ import re
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from sentiment.config import Settings
 from sentiment.errors import InvalidSubreddit, RedditAuthError, SubredditUnavailable
+from sentiment.reddit import scraper
 from sentiment.reddit.client import make_reddit
 from sentiment.reddit.ratelimit import SharedRateLimiter
 from sentiment.reddit.scraper import ScrapeResult, scrape_subreddit
@@ -204,3 +206,38 @@ def test_adversarial_content_is_scraped_and_stored(settings, simulator, redis_cl
         len(e.payload.get("body", "") or e.payload.get("selftext", "")) >= 200_000
         for e in result.events
     )
+
+
+def test_the_fast_path_gives_what_the_general_path_gives(
+    settings, simulator, redis_client, monkeypatch
+):
+    """Pages msgspec splits into raw items, and pages it cannot vouch for (a NUL,
+    a lone surrogate: decoded and cleaned instead), give the same events."""
+    name = _name("paths")
+    simulator.add_subreddit(name, submissions=150, comments=150)
+    simulator.add_items(name, submissions=7, comments=7, adversarial=True)
+    simulator.add_items(name, submissions=60, comments=60)
+    pages = {"fast": 0, "general": 0}
+    fast_listing = scraper._fast_listing
+
+    def counted(body: bytes) -> Any:
+        page = fast_listing(body)
+        pages["fast" if page is not None else "general"] += 1
+        return page
+
+    monkeypatch.setattr(scraper, "_fast_listing", counted)
+    fast, _ = scrape(settings, name)
+    monkeypatch.setattr(scraper, "_fast_listing", lambda body: None)
+    general, _ = scrape(settings, name)
+
+    assert pages["fast"] >= 2 and pages["general"] >= 2  # both paths were taken
+    assert len(fast.events) == 2 * (150 + 7 + 60)
+    assert fast.events == general.events  # ids, times, kinds and payloads alike
+    assert [orjson.loads(e.payload_json) for e in fast.events] == [
+        orjson.loads(e.payload_json) for e in general.events
+    ]
+    assert (fast.watermarks, fast.malformed, fast.gaps) == (
+        general.watermarks, general.malformed, general.gaps,
+    )  # fmt: skip
+    stored = insert_batch(fast.events)
+    assert stored.rejected == 0 and len(stored.new) == len(fast.events)
