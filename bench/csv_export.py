@@ -54,6 +54,7 @@ import _common
 _common.configure_environment()
 
 from sentiment.config import get_settings  # noqa: E402 - after configure_environment
+from sentiment.dto import dump_events, load_events  # noqa: E402
 from sentiment.sinks import csv as csv_sink  # noqa: E402
 
 BASE_METHODS = ("export", "formatting", "io", "export_nosync")
@@ -154,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _common.exit_on_sigterm()
     data = _common.make_events(args.rows, seed=args.seed)
-    events = data.events
-    for event in events:  # as the pipeline hands them over: JSON encoded once, upstream
-        _ = event.payload_json
+    # As the pipeline hands them over: out of a batch blob, each payload JSON
+    # encoded once upstream and decoded only where the export reads it.
+    events = load_events(dump_events(data.events))
     methods = [*BASE_METHODS, *(f"threads_{n}" for n in args.threads)]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
     creates: list[float] = []

@@ -241,6 +241,13 @@ class RawEventDTO(BaseModel):
         self.__dict__["payload"] = payload
         return payload  # type: ignore[no-any-return]
 
+    def peek_payload(self) -> Any:
+        """`payload` if it is decoded already, else None (then `payload_json` holds it).
+
+        For a reader that wants only a few fields and can take them from the JSON
+        more cheaply than decoding all of it (the CSV export)."""
+        return self.__dict__.get("payload")
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RawEventDTO):
             self._decoded_payload()

@@ -78,6 +78,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from sentiment.config import valid_subreddit
@@ -285,7 +286,8 @@ def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime]:
         raise ValueError("id is not a base36 Reddit id")
     if event.source != "reddit" or event.event_type not in _EVENT_TYPES:
         raise ValueError("unknown source or event_type")
-    if not isinstance(event.payload, dict) or not isinstance(event.occurred_at, datetime):
+    payload = event.peek_payload()  # None: still JSON, an object (from_trusted_json)
+    if not isinstance(payload, dict | None) or not isinstance(event.occurred_at, datetime):
         raise TypeError("payload or occurred_at has the wrong type")
     name = names.get(event.source_id)
     if name is None:
@@ -311,7 +313,7 @@ def _encode(rows: Rows, name: str) -> bytes:
     out: list[bytes] = []
     add = out.append
     for ts, event in rows:
-        get = event.payload.get
+        get = _cells(event).get
         kind = event.event_type
         body = get("selftext") if kind == "submission" else get("body")
         cells = (f"{event.id},{ts.isoformat(timespec='microseconds')[:-6]}Z,reddit,{name},{kind},"
@@ -323,6 +325,36 @@ def _encode(rows: Rows, name: str) -> bytes:
         add(event.payload_json.replace(b'"', b'""'))  # the payload cell, quoted
         add(b'"\r\n')
     return b"".join(out)
+
+
+class _Cells(msgspec.Struct):
+    """The payload fields a row shows in cells of their own; msgspec skips the rest."""
+
+    author: Any = None
+    title: Any = None
+    selftext: Any = None
+    body: Any = None
+    score: Any = None
+    permalink: Any = None
+    url: Any = None
+
+    def get(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+_CELLS = msgspec.json.Decoder(_Cells)
+
+
+def _cells(event: RawEventDTO) -> dict[str, Any] | _Cells:
+    """The fields of the payload the row shows, read from its JSON if it is not
+    decoded yet (~3x cheaper than decoding all of it)."""
+    payload = event.peek_payload()
+    if payload is not None:
+        return payload  # type: ignore[no-any-return]
+    try:
+        return _CELLS.decode(event.payload_json)
+    except msgspec.DecodeError:  # e.g. a non-string key: JSON, but not for msgspec
+        return event.payload
 
 
 def _text(value: Any) -> str:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sentiment.dto import RawEventDTO, dump_events
+from sentiment.dto import RawEventDTO, dump_events, load_events
 from sentiment.errors import ConfigError, ServiceUnavailable
 from sentiment.reddit.ids import to_base36 as base36
 from sentiment.sinks.csv import COLUMNS, LEDGER, CsvLedgerCorrupt, check_csv_dir, export_events
@@ -481,11 +481,33 @@ def test_any_text_round_trips(title, body, author):
     with tempfile.TemporaryDirectory() as tmp:
         export_events([event], csv_dir=Path(tmp), batch_id="b1")
         (row,) = read(day_file(Path(tmp)))
+        # Out of a batch blob, the payload is still JSON: its cells are read from that.
+        export_events(load_events(dump_events([event])), csv_dir=Path(tmp) / "b", batch_id="b1")
+        assert day_file(Path(tmp) / "b").read_bytes() == day_file(Path(tmp)).read_bytes()
     cleaned = event.payload  # the DTO has already dropped NULs and replaced lone surrogates
     assert row["title"] == neutral(cleaned["title"])
     assert row["body"] == neutral(cleaned["selftext"])
     assert row["author"] == neutral(cleaned["author"])
     assert orjson.loads(row["payload"]) == cleaned
+
+
+def test_cells_read_from_payload_json_match_cells_from_the_decoded_payload(tmp_path):
+    events = [
+        make(title="=1+1", score=-3, url="https://x.test/a,b", permalink="/r/x/1/"),
+        make(kind="comment", body='say "hi"\nthere', score=2.5, author=None),
+        make(score="123456789012345678901234567890", title=["not", "text"], url={"a": 1}),
+        make(title="", selftext=None, score=True, extra={"nested": [1, {"deep": "x"}]}),
+    ]
+    export_events(events, csv_dir=tmp_path / "decoded", batch_id="b1")
+    lazy = load_events(dump_events(events))
+    assert all(e.peek_payload() is None for e in lazy)  # not decoded: cells come from JSON
+
+    export_events(lazy, csv_dir=tmp_path / "json", batch_id="b1")
+
+    decoded, from_json = day_file(tmp_path / "decoded"), day_file(tmp_path / "json")
+    assert from_json.read_bytes() == decoded.read_bytes()
+    assert len(read(from_json)) == 4
+    assert all(e.peek_payload() is None for e in lazy)  # and nothing decoded them since
 
 
 # -- CSV_DIR checked at start-up ------------------------------------------------
