@@ -54,10 +54,13 @@ Where the time goes (the scraper is far below the ceiling on this machine):
 
   breakdown    in process, no HTTP, on the bodies of one pass: microseconds per
                item of each step (fastest of --breakdown-reps): the ceiling's
-               json.loads, aiohttp's default decode and the scraper's
-               (`decode_json`) with the objects kept, the DTO, clean_json; and
-               the limiter's Redis round trips per request: acquire + observe
-               back to back, and acquire alone (what a request waits for).
+               json.loads, aiohttp's default decode, the scraper's page read
+               (msgspec splits it into items' raw JSON) and its items turned
+               into events, all kept; the general path a page takes when
+               msgspec refuses it (`decode_json`, `RawEventDTO.from_reddit`,
+               clean_json); and the limiter's Redis round trips per request:
+               acquire + observe back to back, and acquire alone (what a
+               request waits for).
   profile      if the scraper misses its ratio (or with --profile), one extra
                scraper pass under cProfile: own time by area, top functions.
   decoding     `decode_json` is first checked to give exactly `json.loads`'s
@@ -99,7 +102,7 @@ import aiohttp  # noqa: E402
 from redis.asyncio import Redis as AsyncRedis  # noqa: E402
 
 from sentiment.config import Settings, get_settings  # noqa: E402
-from sentiment.dto import clean_json  # noqa: E402
+from sentiment.dto import RawEventDTO, clean_json  # noqa: E402
 from sentiment.reddit import scraper as scraper_module  # noqa: E402
 from sentiment.reddit.client import make_reddit  # noqa: E402
 from sentiment.reddit.jsondecode import decode_json  # noqa: E402
@@ -442,6 +445,21 @@ def cost_breakdown(pages: list[Page], reps: int) -> dict[str, float]:
     items = [(name, kind, c["data"]) for name, kind, d in decoded for c in d["data"]["children"]]
     n = len(items)
 
+    def scraper_pages(take: bool) -> list[Any]:
+        """What the scraper does with each body: the page read, then (`take`) its
+        items turned into events by the reader, from no watermark."""
+        out = []
+        for name, kind, body in pages:
+            page = scraper_module._read_listing(body, name)
+            assert page is not None
+            if take:
+                reader = scraper_module._PageReader(name, kind, None, None, 0.0)  # type: ignore[arg-type]
+                reader.take(page.children)
+                out.append(reader.result.events)
+            else:
+                out.append(page)
+        return out
+
     # "kept": every result lives until the step ends, as the scraper keeps its events.
     steps: dict[str, Callable[[], Any]] = {
         "json.loads(bytes), discarded (the ceiling)": lambda: [
@@ -450,13 +468,15 @@ def cost_breakdown(pages: list[Page], reps: int) -> dict[str, float]:
         "json.loads(body.decode()), kept (aiohttp's default)": lambda: [
             json.loads(body.decode()) for _, _, body in pages
         ],
-        "decode_json(bytes), kept (the scraper: orjson)": lambda: [
+        "the scraper: page read + items to events, kept": lambda: scraper_pages(take=True),
+        "  of which the page read (msgspec split)": lambda: scraper_pages(take=False),
+        "general path (a page msgspec refuses): decode_json": lambda: [
             decode_json(body) for _, _, body in pages
         ],
-        "_to_event: RawEventDTO.from_reddit (the scraper)": lambda: [
-            scraper_module._to_event(i, name, k) for name, k, i in items
+        "  then RawEventDTO.from_reddit per item": lambda: [
+            RawEventDTO.from_reddit(i, name, k) for name, k, i in items
         ],
-        "  of which clean_json (orjson.dumps + NUL check)": lambda: [
+        "    of which clean_json (orjson.dumps + NUL check)": lambda: [
             clean_json(i) for _, _, i in items
         ],
     }

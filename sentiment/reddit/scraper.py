@@ -224,6 +224,7 @@ class _PageReader:
     seen: set[str] = field(default_factory=set)
     listed: int = 0
     reference: float | None = None  # created_utc of the first item at or below the floor
+    newest: int = -1  # the newest kept item's id as a number
 
     def take(self, children: list[Any]) -> tuple[bool, list[str]]:
         """Keep a page's new items. Return whether it reached what needs no reading
@@ -233,13 +234,18 @@ class _PageReader:
         page_ids: list[str] = []
         for child in children:
             self.listed += 1
-            if isinstance(child, _Child):  # the page decoded on the fast path
-                item: Any = _Item.read(child.data)
+            raw: msgspec.Raw | None = None  # the item's JSON, on the fast path
+            if isinstance(child, _Child):
+                raw = child.data
+                try:
+                    item: Any = _HEAD_DECODER.decode(raw)
+                except msgspec.DecodeError:  # fields that need the general path
+                    item, raw = decode_json(bytes(raw)), None
             else:
                 item = child.get("data") if isinstance(child, dict) else None
-            item_id = item.get("id") if isinstance(item, dict | _Item) else None
+            item_id = item.get("id") if isinstance(item, dict | _Head) else None
             if not (
-                isinstance(item, dict | _Item)
+                isinstance(item, dict | _Head)
                 and isinstance(item_id, str)
                 and item_id.isascii()
                 and item_id.isalnum()
@@ -253,12 +259,12 @@ class _PageReader:
                 # we have reached what we already have.
                 if not item.get("stickied", False):
                     reached = True
-                    self._recheck(item, item_id)
+                    self._recheck(item, raw, item_id)
                 continue
             if item_id in self.seen:  # repeated across a page boundary
                 continue
             self.seen.add(item_id)
-            event = _to_event(item, self.subreddit, self.kind)
+            event = _to_event(item, raw, self.subreddit, self.kind)
             if event is None:
                 result.malformed += 1
                 continue
@@ -267,11 +273,11 @@ class _PageReader:
                 reached = reached or not item.get("stickied", False)
                 continue
             result.events.append(event)
-            if result.newest_id is None or number > base36_to_int(result.newest_id):
-                result.newest_id = event.id
+            if number > self.newest:
+                self.newest, result.newest_id = number, event.id
         return reached, page_ids
 
-    def _recheck(self, item: dict[str, Any] | _Item, item_id: str) -> None:
+    def _recheck(self, item: dict[str, Any] | _Head, raw: msgspec.Raw | None, item_id: str) -> None:
         """Hand on an item at or below the watermark if it was created within
         `lookback` seconds of the first such item (the watermark, most often)."""
         created = item.get("created_utc")
@@ -282,7 +288,7 @@ class _PageReader:
         if created < self.reference - self.lookback:
             return
         self.seen.add(item_id)
-        event = _to_event(item, self.subreddit, self.kind)
+        event = _to_event(item, raw, self.subreddit, self.kind)
         if event is not None and (self.not_before is None or event.occurred_at >= self.not_before):
             self.result.rechecked.append(event)
 
@@ -354,9 +360,14 @@ class _Listing(msgspec.Struct):
 
 
 class _Head(msgspec.Struct):
+    """What the scraper reads of an item; msgspec skips the rest unread."""
+
     id: str
     created_utc: float
     stickied: bool = False
+
+    def get(self, key: str, default: Any = None) -> Any:  # as on a decoded item
+        return getattr(self, key, default)
 
 
 _LISTING_DECODER = msgspec.json.Decoder(_Listing)
@@ -394,40 +405,20 @@ def _fast_listing(body: bytes) -> _Page | None:
     return _Page(children=listing.data.children, after=listing.data.after)
 
 
-class _Item:
-    """A listing item on the fast path: the fields the scraper reads, and its JSON.
-
-    Offers the `get` that the scraper uses on a decoded item.
-    """
-
-    __slots__ = ("_fields", "json")
-
-    def __init__(self, head: _Head, json: bytes) -> None:
-        self._fields = {"id": head.id, "created_utc": head.created_utc, "stickied": head.stickied}
-        self.json = json
-
-    @staticmethod
-    def read(raw: msgspec.Raw) -> _Item | dict[str, Any] | Any:
-        """The item, or its decoded JSON when its fields need the general path."""
-        try:
-            return _Item(_HEAD_DECODER.decode(raw), bytes(raw))
-        except msgspec.DecodeError:
-            return decode_json(bytes(raw))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._fields.get(key, default)
-
-
-def _to_event(item: dict[str, Any] | _Item, subreddit: str, kind: Kind) -> RawEventDTO | None:
+def _to_event(
+    item: dict[str, Any] | _Head, raw: msgspec.Raw | None, subreddit: str, kind: Kind
+) -> RawEventDTO | None:
     try:
-        if isinstance(item, _Item):
+        if raw is not None:  # the fast path: `item` is its _Head
+            assert isinstance(item, _Head)
             return RawEventDTO.from_trusted_json(
-                id=canonical_id(item.get("id")),
-                occurred_at=to_utc(item.get("created_utc")),
+                id=canonical_id(item.id),
+                occurred_at=to_utc(item.created_utc),
                 source_id=subreddit,
                 event_type=kind,
-                payload_json=item.json,
+                payload_json=bytes(raw),  # a copy: the page's buffer is not kept
             )
+        assert isinstance(item, dict)
         return RawEventDTO.from_reddit(item, subreddit, kind)
     except (KeyError, TypeError, ValueError, OverflowError, OSError):
         log.info("skipped a malformed %s in r/%s", kind, subreddit, extra={"subreddit": subreddit})
