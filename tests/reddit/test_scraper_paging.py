@@ -14,15 +14,33 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+import pytest
+
+from sentiment.errors import RedditUnavailable
 from sentiment.reddit.ids import to_base36
 from sentiment.reddit.scraper import ScrapeResult, scrape_subreddit
 
 BASE = 10_000_000  # seven-digit base36 ids, like Reddit's
 
 
+@pytest.fixture(autouse=True, params=["bytes", "decoded"])
+def answers(request, monkeypatch):
+    """Every test runs twice: with the body's bytes, as asyncprawcore hands them
+    to the scraper (the fast path), and with decoded JSON (the general path)."""
+    monkeypatch.setattr(ListingReddit, "as_bytes", request.param == "bytes")
+
+
+class BadJSON(Exception):  # asyncprawcore's name: the scraper translates it by name
+    """Stands in for asyncprawcore's BadJSON."""
+
+
 class ListingReddit:
     """Newest-first listings with Reddit's cursor rules; `removals` take items out
     of a listing after a given request, as a moderator would between two pages."""
+
+    as_bytes = False
+    garbage = 0  # this many answers, first, are not JSON
 
     def __init__(self, submissions: list[int], comments: list[int] | None = None) -> None:
         self.listed = {"new": sorted(submissions, reverse=True),
@@ -37,7 +55,16 @@ class ListingReddit:
         return {"id": to_base36(number), "created_utc": 1_700_000_000 + number - BASE,
                 text: f"item {number}", "stickied": False}  # fmt: skip
 
-    async def request(self, *, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, *, method: str, path: str, params: dict[str, Any]) -> Any:
+        if self.garbage:
+            self.garbage -= 1
+            if not self.as_bytes:
+                raise BadJSON  # asyncprawcore decodes, and raises this
+            return b'{"kind": "Listing", "data": {"children": ['  # the scraper decodes
+        body = self._listing(path, params)
+        return orjson.dumps(body) if self.as_bytes else body
+
+    def _listing(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
         listing = path.rsplit("/", 1)[1]
         prefix = "t3_" if listing == "new" else "t1_"
         numbers = self.listed[listing]
@@ -62,9 +89,8 @@ def _scrape(
     reddit: ListingReddit, watermark: int | None, depth: int = 1000, **kwargs: Any
 ) -> ScrapeResult:
     marks = {"submission": to_base36(watermark)} if watermark else {}
-    return asyncio.run(
-        scrape_subreddit(reddit, "somesub", marks, depth=depth, attempts=1, **kwargs)
-    )  # type: ignore[arg-type]
+    kwargs.setdefault("attempts", 1)
+    return asyncio.run(scrape_subreddit(reddit, "somesub", marks, depth=depth, **kwargs))  # type: ignore[arg-type]
 
 
 def _numbers(result: ScrapeResult) -> set[int]:
@@ -204,3 +230,16 @@ def test_without_lookback_nothing_is_rechecked():
 
     assert _numbers(result) == set(range(BASE + 191, BASE + 201))
     assert result.rechecked == []
+
+
+def test_a_body_that_is_not_a_listing_is_retried_then_reported():
+    reddit = ListingReddit([BASE + 1, BASE + 2])
+    reddit.garbage = 1
+
+    result = _scrape(reddit, None, attempts=3)  # the second try gets the page
+
+    assert _numbers(result) == {BASE + 1, BASE + 2}
+
+    reddit.garbage = 10
+    with pytest.raises(RedditUnavailable, match="somesub"):
+        _scrape(reddit, None, attempts=2)
