@@ -64,6 +64,7 @@ task_routes = {
     "sentiment.tasks.scrape": {"queue": "scrape"},
     "sentiment.tasks.insert_batch": {"queue": "ingest"},
     "sentiment.tasks.mark_processed": {"queue": "ingest"},
+    "sentiment.tasks.set_aside": {"queue": "ingest"},
     "sentiment.tasks.keep_partitions": {"queue": "ingest"},
     "sentiment.tasks.apply_retention": {"queue": "ingest"},
     "sentiment.tasks.export_csv": {"queue": "export"},

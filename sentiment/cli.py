@@ -6,6 +6,7 @@ sentiment scrape SUBREDDIT       enqueue one scrape, wait, print its summary
 sentiment migrate [--check]      alembic upgrade head (or: do models and migrations agree?)
 sentiment retention [--dry-run]  drop processed days past RETENTION_DAYS (or: what would go)
 sentiment exports [--retry]      CSV exports parked after failing for good (and: retry them now)
+sentiment requeue [SUBREDDIT]    rows set aside by sentiment workers go back in their queue
 sentiment psql [PSQL OPTIONS]    psql on the pipeline's database (no psql to install)
 sentiment services start|stop    the embedded PostgreSQL and Redis
 sentiment simulator              the Reddit-compatible simulator, on 127.0.0.1
@@ -167,6 +168,23 @@ def retention(
     result = apply_retention(days, dry_run=dry_run)  # an unreachable server: see main()
     summary = {"dry_run": dry_run, **result.summary(), "dropped_names": list(result.dropped)}
     console.print_json(json.dumps(summary))
+
+
+@app.command()
+def requeue(
+    subreddit: Annotated[
+        str | None, typer.Argument(help="only this subreddit's rows (default: every row)")
+    ] = None,
+) -> None:
+    """Rows that sentiment workers set aside unscored go back to be claimed again."""
+    from sentiment.processing import requeue_set_aside
+
+    try:
+        count = requeue_set_aside(subreddit)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    console.print_json(json.dumps({"requeued": count, "subreddit": subreddit}))
 
 
 @app.command()

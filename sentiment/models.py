@@ -56,6 +56,9 @@ class RawEvent(Base):
     ingested_at: Mapped[utc_now]
     processed: Mapped[false_default]
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why a sentiment worker set the row aside unscored (`processing.set_aside`);
+    # NULL for every row that was scored, or not yet processed.
+    process_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # Per-subreddit time queries, and the newest stored item of a kind (the
@@ -68,6 +71,12 @@ class RawEvent(Base):
             "ix_raw_events_unprocessed",
             "occurred_at",
             postgresql_where=text("NOT processed"),
+        ),
+        # The few rows set aside, found without reading the rest.
+        Index(
+            "ix_raw_events_set_aside",
+            "occurred_at",
+            postgresql_where=text("process_error IS NOT NULL"),
         ),
     )
 

@@ -17,8 +17,19 @@ table to themselves for a moment and wait at most 2 s for it: claims that
 overlap without a pause, each longer than that, keep them out (they retry,
 and `sentiment status` shows the oldest unprocessed row held back).
 
-Mark inside the claim, on `claim.connection`: the `mark_processed` Celery
-task is for consumers that do not claim. A claimer that ends its block and
+A row the model cannot score goes to `set_aside(keys, reason)`: it is marked
+processed, with the reason in `process_error`, so it no longer heads every
+claim (they take the oldest first). `requeue_set_aside()` (`sentiment
+requeue`) puts such rows back once the model can read them:
+
+    with claim_unprocessed() as rows:
+        scored, failed = score_each(rows)        # failed: [(key, reason)]
+        mark_processed(scored, connection=rows.connection)
+        for key, reason in failed:
+            set_aside([key], reason, connection=rows.connection)
+
+Mark inside the claim, on `claim.connection`: the `mark_processed` and
+`set_aside` Celery tasks are for consumers that do not claim. A claimer that ends its block and
 leaves the marking to the queued task would get the same rows from its next
 claim, as oldest unprocessed, until that task has run.
 """
@@ -34,11 +45,16 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from sentiment.config import get_settings
+from sentiment.config import get_settings, valid_subreddit
 from sentiment.db import get_engine
 from sentiment.dto import canonical_id, to_utc
 
-__all__ = ["Claim", "ClaimedEvent", "MarkResult", "claim_unprocessed", "mark_processed"]
+__all__ = [
+    "Claim", "ClaimedEvent", "MarkResult", "claim_unprocessed", "mark_processed",
+    "requeue_set_aside", "set_aside",
+]  # fmt: skip
+
+_REASON_MAX = 2000  # characters of a set-aside reason kept
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +86,7 @@ _MARK = text(
     ),
     updated AS (
         UPDATE raw_events AS r
-        SET processed = true, processed_at = now()
+        SET processed = true, processed_at = now(), process_error = CAST(:error AS text)
         FROM matched AS m
         WHERE r.id = m.id AND r.occurred_at = m.occurred_at AND NOT r.processed
         RETURNING r.id
@@ -158,11 +174,57 @@ def mark_processed(
     `invalid` and logged; the others are marked all the same. A row already
     processed keeps its first `processed_at`.
     """
+    return _mark(keys, None, connection=connection, engine=engine)
+
+
+def set_aside(
+    keys: Iterable[Any],
+    reason: str,
+    *,
+    connection: Connection | None = None,
+    engine: Engine | None = None,
+) -> MarkResult:
+    """Mark rows processed without a score, keeping why in `process_error`.
+
+    For rows a sentiment worker cannot score: they leave the queue instead of
+    heading every claim, and `requeue_set_aside` puts them back. Keys and
+    counts are as for `mark_processed`; a row already processed (scored or set
+    aside) is left as it is. `reason` must say something (NULs are dropped,
+    and it is cut at 2,000 characters).
+    """
+    reason = str(reason).replace("\x00", "").strip()[:_REASON_MAX]
+    if not reason:
+        raise ValueError("set_aside needs a reason: say why the rows cannot be scored")
+    return _mark(keys, reason, connection=connection, engine=engine)
+
+
+def requeue_set_aside(subreddit: str | None = None, *, engine: Engine | None = None) -> int:
+    """Put rows set aside back in the queue (all, or one subreddit's); how many."""
+    query = """
+        UPDATE raw_events SET processed = false, processed_at = NULL, process_error = NULL
+        WHERE process_error IS NOT NULL
+    """
+    params: dict[str, Any] = {}
+    if subreddit is not None:
+        query += " AND source_id = :source_id"
+        params["source_id"] = valid_subreddit(subreddit)
+    with (engine or get_engine()).begin() as conn:
+        return conn.execute(text(query), params).rowcount
+
+
+def _mark(
+    keys: Iterable[Any],
+    error: str | None,
+    *,
+    connection: Connection | None,
+    engine: Engine | None,
+) -> MarkResult:
     ids, times, problems = _split_keys(keys)
     if problems:
         shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-        log.warning("mark_processed: skipped %d invalid keys: %s", len(problems), shown)
-    params = {"ids": ids, "times": times}
+        what = "set_aside" if error is not None else "mark_processed"
+        log.warning("%s: skipped %d invalid keys: %s", what, len(problems), shown)
+    params = {"ids": ids, "times": times, "error": error}
     if connection is not None:
         row = connection.execute(_MARK, params).one()
     else:

@@ -79,6 +79,10 @@ def _collect_database(settings: Settings, names: list[str], report: dict[str, An
             report["unprocessed"], report["oldest_unprocessed"] = conn.execute(
                 text("SELECT count(*), min(occurred_at) FROM raw_events WHERE NOT processed")
             ).one()
+            # Rows sentiment workers could not score (a partial index holds just these).
+            report["set_aside"] = conn.execute(
+                text("SELECT count(*) FROM raw_events WHERE process_error IS NOT NULL")
+            ).scalar()
             report["rejected"] = conn.execute(text("SELECT count(*) FROM rejected_events")).scalar()
         report["health"]["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a status report shows errors, never raises them
@@ -187,6 +191,7 @@ def status_table(report: dict[str, Any]) -> Group:
         "redis",
         "queues (scrape/ingest/export)",
         "unprocessed",
+        "set aside",
         "rejected",
         "parked CSV exports",
         "rate limit",
@@ -201,6 +206,7 @@ def status_table(report: dict[str, Any]) -> Group:
         health.get("redis", "?"),
         "/".join(str(queues.get(q, "?")) for q in QUEUES),
         _backlog(report),
+        str(report.get("set_aside", "?")),
         str(report.get("rejected", "?")),
         str(report.get("parked_exports", "?")),
         f"{limit['remaining']}/{limit['limit']} left, resets in {limit['resets_in_s']}s"

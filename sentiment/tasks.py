@@ -4,6 +4,7 @@
       └─ insert_batch(batch)     [ingest]  store; advance watermarks; release the lock
           └─ export_csv(batch)   [export]  append the new rows to CSV; return the summary
     mark_processed(keys)         [ingest]  for the sentiment workers
+    set_aside(keys, reason)      [ingest]  for the sentiment workers: rows they cannot score
     keep_partitions()            [ingest]  hourly: future partitions (plain PostgreSQL)
     apply_retention()            [ingest]  hourly when RETENTION_DAYS is set: drop old days
     retry_exports()              [export]  every 10 minutes: CSV exports parked after failing
@@ -52,6 +53,7 @@ __all__ = [
     "mark_processed",
     "retry_exports",
     "scrape",
+    "set_aside",
 ]
 
 log: logging.Logger = get_task_logger(__name__)
@@ -236,6 +238,12 @@ def retry_exports() -> dict[str, int]:
 def mark_processed(self: Task, keys: list[Any]) -> dict[str, int]:
     """Mark rows processed: keys are [id, ISO time] pairs or bare ids; bad ones are counted."""
     return processing.mark_processed(keys).summary()
+
+
+@app.task(bind=True, name="sentiment.tasks.set_aside", **_RETRY)
+def set_aside(self: Task, keys: list[Any], reason: str) -> dict[str, int]:
+    """Mark rows processed unscored, with why (keys as for mark_processed)."""
+    return processing.set_aside(keys, reason).summary()
 
 
 @app.task(name="sentiment.tasks.export_missing")

@@ -12,6 +12,7 @@ from sentiment.tasks import (
     mark_processed,
     retry_exports,
     scrape,
+    set_aside,
 )
 
 
@@ -24,6 +25,7 @@ def test_each_task_lands_in_its_own_queue():
             insert_batch,
             export_csv,
             mark_processed,
+            set_aside,
             keep_partitions,
             apply_retention,
             retry_exports,
@@ -35,6 +37,7 @@ def test_each_task_lands_in_its_own_queue():
         "sentiment.tasks.insert_batch": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.export_csv": ("export", "export", "export"),
         "sentiment.tasks.mark_processed": ("ingest", "ingest", "ingest"),
+        "sentiment.tasks.set_aside": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.keep_partitions": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.apply_retention": ("ingest", "ingest", "ingest"),
         "sentiment.tasks.retry_exports": ("export", "export", "export"),

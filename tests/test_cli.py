@@ -108,11 +108,13 @@ def test_run_brings_up_the_whole_pipeline_and_stops_cleanly(settings, db, redis_
 
 def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     from sentiment.pipeline import park_export
+    from sentiment.processing import set_aside
     from sentiment.sinks.postgres import insert_batch
     from tests.factories import make_events
 
-    events = make_events(7, subreddit="stocks")
+    events = sorted(make_events(9, subreddit="stocks"), key=lambda e: e.occurred_at)
     insert_batch(events)
+    set_aside([e.key for e in events[:2]], "no text to score")
     park_export({"batch_id": "b1", "batch": None, "subreddit": "stocks", "new": [0]})
 
     result = _sentiment("status", "--json", env={"SUBREDDITS": "stocks"})
@@ -121,15 +123,40 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     report = json.loads(result.stdout)
     assert report["health"] == {"postgres": "ok", "redis": "ok"}
     assert report["unprocessed"] == 7
+    assert report["set_aside"] == 2
     assert report["parked_exports"] == 1
-    oldest = min(e.occurred_at for e in events)
+    oldest = min(e.occurred_at for e in events[2:])
     assert datetime.fromisoformat(report["oldest_unprocessed"]) == oldest
     # A session in another time zone still gets UTC in the table.
     env = {"SUBREDDITS": "stocks", "COLUMNS": "200", "PGTZ": "America/New_York"}
     table = _sentiment("status", env=env)
     assert f"7 (oldest {oldest:%Y-%m-%d %H:%M} UTC)" in table.stdout
-    assert report["subreddits"]["stocks"]["submissions"] == 7
+    assert "set aside" in table.stdout
+    assert report["subreddits"]["stocks"]["submissions"] == 9
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
+
+
+def test_requeue_puts_rows_set_aside_back_in_the_queue(settings, db):
+    from sentiment.processing import set_aside
+    from sentiment.sinks.postgres import insert_batch
+    from tests.factories import make_events
+
+    stocks, news = make_events(3, subreddit="stocks"), make_events(2, subreddit="news")
+    insert_batch(stocks + news)
+    set_aside([e.key for e in stocks + news], "model v1 failed")
+
+    one = _sentiment("requeue", "Stocks")
+    rest = _sentiment("requeue")
+    bad = _sentiment("requeue", "../etc")
+
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout) == {"requeued": 3, "subreddit": "Stocks"}
+    assert json.loads(rest.stdout)["requeued"] == 2
+    assert bad.returncode != 0 and "not a valid subreddit name" in bad.stdout
+    with db.connect() as conn:
+        assert (
+            conn.execute(text("SELECT count(*) FROM raw_events WHERE NOT processed")).scalar() == 5
+        )
 
 
 def test_psql_opens_the_pipelines_database(settings, db):

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from sentiment.db import get_engine
-from sentiment.processing import claim_unprocessed, mark_processed
+from sentiment.processing import claim_unprocessed, mark_processed, requeue_set_aside, set_aside
 from sentiment.sinks.postgres import insert_batch
 from tests.conftest import wait_for_a_lock_wait
 from tests.factories import make_event
@@ -209,3 +209,86 @@ def test_two_marks_of_the_same_rows_at_once_count_each_row_once(db):
         {"updated": 6, "already_processed": 0, "unknown": 0, "invalid": 0},
         {"updated": 0, "already_processed": 6, "unknown": 0, "invalid": 0},
     ]
+
+
+def _score(row) -> float:
+    """A model that cannot score one kind of row."""
+    if row.payload.get("body") == "poison":
+        raise ValueError("the model cannot read this row")
+    return 0.5
+
+
+def _consume_once(limit: int = 5) -> tuple[int, int]:
+    """One pass of a consumer that scores row by row, and sets aside what it cannot
+    score: (scored, set aside)."""
+    with claim_unprocessed(limit) as claim:
+        scored, failed = [], []
+        for row in claim:
+            try:
+                _score(row)
+                scored.append(row.key)
+            except ValueError as exc:
+                failed.append((row.key, str(exc)))
+        mark_processed(scored, connection=claim.connection)
+        for key, reason in failed:
+            set_aside([key], reason, connection=claim.connection)
+    return len(scored), len(failed)
+
+
+def test_a_row_no_model_can_score_is_set_aside_and_the_queue_moves_on(db):
+    events = _events(12)
+    poison = make_event(occurred_at=events[0].occurred_at - timedelta(seconds=1), body="poison")
+    insert_batch([poison, *events])
+
+    passes = [_consume_once(limit=5) for _ in range(3)]
+
+    assert passes == [(4, 1), (5, 0), (3, 0)]  # the oldest row, set aside once
+    with claim_unprocessed(100) as claim:
+        assert len(claim) == 0
+    with get_engine().connect() as conn:
+        row = conn.execute(
+            text("SELECT processed, processed_at, process_error FROM raw_events WHERE id = :id"),
+            {"id": poison.id},
+        ).one()
+        scored_errors = conn.execute(
+            text("SELECT count(*) FROM raw_events WHERE processed AND process_error IS NULL")
+        ).scalar()
+    assert row.processed and row.processed_at is not None
+    assert row.process_error == "the model cannot read this row"
+    assert scored_errors == 12
+
+
+def test_set_aside_counts_like_mark_processed_and_needs_a_reason(db):
+    events = _events(3)
+    insert_batch(events)
+    mark_processed([events[0].key])
+
+    result = set_aside(
+        [events[0].key, events[1].key, ("zz999", events[2].occurred_at)], "bad\x00 row"
+    )
+
+    assert (result.updated, result.already_processed, result.unknown) == (1, 1, 1)
+    with get_engine().connect() as conn:
+        errors = dict(conn.execute(text("SELECT id, process_error FROM raw_events")).all())
+    assert errors == {events[0].id: None, events[1].id: "bad row", events[2].id: None}
+    with pytest.raises(ValueError, match="reason"):
+        set_aside([events[2].key], "  ")
+
+
+def test_rows_set_aside_go_back_to_the_queue_when_asked(db):
+    events = _events(4)
+    insert_batch(events)
+    set_aside([e.key for e in events[:3]], "model v1 failed")
+    mark_processed([events[3].key])
+
+    assert requeue_set_aside() == 3
+
+    with claim_unprocessed(10) as claim:
+        assert [row.key for row in claim] == [e.key for e in events[:3]]
+    with get_engine().connect() as conn:
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM raw_events WHERE process_error IS NOT NULL")
+            ).scalar()
+            == 0
+        )

@@ -22,7 +22,7 @@ from celery import chain
 from sqlalchemy import text
 
 from sentiment import pipeline
-from sentiment.tasks import export_csv, insert_batch, mark_processed, scrape
+from sentiment.tasks import export_csv, insert_batch, mark_processed, scrape, set_aside
 from tests.conftest import _free_port
 from tests.factories import make_events
 from tests.processes import ROOT
@@ -170,6 +170,21 @@ def test_mark_processed_through_the_task(worker, db):
         "unknown": 1,
         "invalid": 2,
     }
+
+    unscorable = [[events[4].id, events[4].occurred_at.isoformat()], events[0].id]
+    assert set_aside.delay(unscorable, "model v1: no text").get(timeout=30) == {
+        "updated": 1,
+        "already_processed": 1,
+        "unknown": 0,
+        "invalid": 0,
+    }
+    with pytest.raises(Exception, match="needs a reason"):
+        set_aside.delay([events[3].id], " ").get(timeout=30)
+    with db.connect() as conn:
+        errors = dict(conn.execute(text(
+            "SELECT id, process_error FROM raw_events WHERE id = ANY(:ids)"
+        ), {"ids": [e.id for e in events]}).all())  # fmt: skip
+    assert errors == {e.id: None for e in events[:4]} | {events[4].id: "model v1: no text"}
 
 
 def test_the_partition_keeper_steps_back_from_an_open_claim(db, timescale):
