@@ -250,12 +250,12 @@ def test_a_row_no_model_can_score_is_set_aside_and_the_queue_moves_on(db):
             text("SELECT processed, processed_at, process_error FROM raw_events WHERE id = :id"),
             {"id": poison.id},
         ).one()
-        scored_errors = conn.execute(
+        scored = conn.execute(
             text("SELECT count(*) FROM raw_events WHERE processed AND process_error IS NULL")
         ).scalar()
     assert row.processed and row.processed_at is not None
     assert row.process_error == "the model cannot read this row"
-    assert scored_errors == 12
+    assert scored == 12
 
 
 def test_set_aside_counts_like_mark_processed_and_needs_a_reason(db):
