@@ -286,9 +286,13 @@ def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime]:
         raise ValueError("id is not a base36 Reddit id")
     if event.source != "reddit" or event.event_type not in _EVENT_TYPES:
         raise ValueError("unknown source or event_type")
-    payload = event.peek_payload()  # None: still JSON, an object (from_trusted_json)
-    if not isinstance(payload, dict | None) or not isinstance(event.occurred_at, datetime):
-        raise TypeError("payload or occurred_at has the wrong type")
+    payload = event.peek_payload()
+    if payload is None:
+        _ = event.payload_json  # still JSON (from_trusted_json), or AttributeError: none at all
+    elif not isinstance(payload, dict):
+        raise TypeError("payload is not a JSON object")
+    if not isinstance(event.occurred_at, datetime):
+        raise TypeError("occurred_at is not a datetime")
     name = names.get(event.source_id)
     if name is None:
         try:

@@ -157,12 +157,13 @@ def test_rows_that_skipped_validation_are_refused_and_others_written(tmp_path):
         RawEventDTO.model_construct(**(vars(good[0]) | {"id": "=cmd|calc"})),
         RawEventDTO.model_construct(**(vars(good[0]) | {"payload": "not a dict"})),
         RawEventDTO.model_construct(**(vars(good[0]) | {"occurred_at": "yesterday"})),
+        RawEventDTO.model_construct(**{k: v for k, v in vars(good[0]).items() if k != "payload"}),
     ]
     csv_dir = tmp_path / "csv"
 
     result = export_events([bad[0], good[0], *bad[1:], good[1]], csv_dir=csv_dir, batch_id="b1")
 
-    assert (result.written, result.rejected) == (2, 5)
+    assert (result.written, result.rejected) == (2, 6)
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.csv"))
     assert written == [Path("csv/reddit/stocks/2024-03-01.csv"),
                        Path("csv/reddit/wallstreetbets/2024-03-01.csv")]  # fmt: skip
