@@ -23,7 +23,7 @@ from sqlalchemy import text
 
 from sentiment import pipeline
 from sentiment.tasks import export_csv, insert_batch, mark_processed, scrape, set_aside
-from tests.conftest import _free_port
+from tests.conftest import _free_port, wait_for_a_lock_wait
 from tests.factories import make_events
 from tests.processes import ROOT
 
@@ -226,6 +226,65 @@ def test_the_partition_keeper_steps_back_from_an_open_claim(db, timescale):
     assert keep_partitions()["partitions_created"] >= 1
     with db.connect() as conn:
         assert conn.execute(text(f"SELECT to_regclass('raw_events_p{day:%Y%m%d}')")).scalar()
+
+
+@pytest.mark.parametrize("keeper_locks_first", [True, False], ids=["as_is", "without_the_lock"])
+def test_an_insert_racing_the_partition_keeper_lands_in_its_day(
+    db, timescale, monkeypatch, keeper_locks_first
+):
+    """The keeper lifts a day's rows out of the default partition, then creates the
+    day's partition. A row inserted into the default partition in between makes
+    the creation fail; taking raw_events whole first makes the insert wait. Here
+    an insert is in flight when the keeper starts; without the lock the keeper
+    fails (the second case checks that the test can tell)."""
+    import sqlalchemy.exc
+
+    from sentiment import tasks
+    from sentiment.tasks import keep_partitions
+
+    if timescale:
+        pytest.skip("TimescaleDB makes its chunks itself; there is no partition keeper")
+    if not keeper_locks_first:
+        monkeypatch.setattr(tasks, "lock_raw_events", lambda conn: None)
+    day = datetime.now(UTC).date() + timedelta(days=3)
+    partition = f"raw_events_p{day:%Y%m%d}"
+    with db.begin() as conn:  # a day the keeper has to make again: its rows go to default
+        conn.execute(text(f"DROP TABLE IF EXISTS {partition}"))
+    event = make_events(1)[0]
+    inserted, commit = threading.Event(), threading.Event()
+
+    def scraper_insert() -> None:
+        with db.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO raw_events (id, occurred_at, source, source_id, event_type,"
+                    " payload) VALUES (:id, :at, 'reddit', 'stocks', 'comment', '{}')"
+                ),
+                {"id": event.id, "at": datetime.combine(day, datetime.min.time(), UTC)},
+            )
+            inserted.set()
+            commit.wait(30)
+
+    with ThreadPoolExecutor(2) as pool:
+        insert = pool.submit(scraper_insert)
+        assert inserted.wait(10)
+        keeper = pool.submit(keep_partitions)
+        wait_for_a_lock_wait(db, "the partition keeper")
+        commit.set()
+        insert.result(timeout=30)
+        if not keeper_locks_first:
+            with pytest.raises(sqlalchemy.exc.IntegrityError, match="default partition"):
+                keeper.result(timeout=30)
+            return
+        assert keeper.result(timeout=30)["partitions_created"] >= 1
+
+    with db.connect() as conn:
+        where = conn.execute(
+            text("SELECT tableoid::regclass::text FROM raw_events WHERE id = :id"),
+            {"id": event.id},
+        ).scalar()
+        in_default = conn.execute(text("SELECT count(*) FROM raw_events_default")).scalar()
+    assert (where, in_default) == (partition, 0)
 
 
 def _big_batch(count: int) -> dict:
