@@ -29,9 +29,9 @@ requeue`) puts such rows back once the model can read them:
             set_aside([key], reason, connection=rows.connection)
 
 Mark inside the claim, on `claim.connection`: the `mark_processed` and
-`set_aside` Celery tasks are for consumers that do not claim. A claimer that ends its block and
-leaves the marking to the queued task would get the same rows from its next
-claim, as oldest unprocessed, until that task has run.
+`set_aside` Celery tasks are for consumers that do not claim. A claimer that
+ends its block and leaves the marking to the queued task would get the same
+rows from its next claim, as oldest unprocessed, until that task has run.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from sentiment.db import get_engine
 from sentiment.processing import claim_unprocessed, mark_processed, requeue_set_aside, set_aside
 from sentiment.sinks.postgres import insert_batch
 from tests.conftest import wait_for_a_lock_wait
@@ -178,6 +177,7 @@ def test_claim_takes_claim_batch_size_rows_unless_told(db, monkeypatch):
 def test_connections_let_the_server_notice_a_client_that_vanished_mid_claim(db):
     """A sentiment worker's machine that drops off the network keeps its claim's locks
     until the server notices; TCP keepalives make that minutes, not hours."""
+    from sentiment.db import get_engine
     from sentiment.sinks.postgres import get_sink_engine
 
     for engine in (get_engine(), get_sink_engine()):
@@ -245,7 +245,7 @@ def test_a_row_no_model_can_score_is_set_aside_and_the_queue_moves_on(db):
     assert passes == [(4, 1), (5, 0), (3, 0)]  # the oldest row, set aside once
     with claim_unprocessed(100) as claim:
         assert len(claim) == 0
-    with get_engine().connect() as conn:
+    with db.connect() as conn:
         row = conn.execute(
             text("SELECT processed, processed_at, process_error FROM raw_events WHERE id = :id"),
             {"id": poison.id},
@@ -268,7 +268,7 @@ def test_set_aside_counts_like_mark_processed_and_needs_a_reason(db):
     )
 
     assert (result.updated, result.already_processed, result.unknown) == (1, 1, 1)
-    with get_engine().connect() as conn:
+    with db.connect() as conn:
         errors = dict(conn.execute(text("SELECT id, process_error FROM raw_events")).all())
     assert errors == {events[0].id: None, events[1].id: "bad row", events[2].id: None}
     with pytest.raises(ValueError, match="reason"):
@@ -285,7 +285,7 @@ def test_rows_set_aside_go_back_to_the_queue_when_asked(db):
 
     with claim_unprocessed(10) as claim:
         assert [row.key for row in claim] == [e.key for e in events[:3]]
-    with get_engine().connect() as conn:
+    with db.connect() as conn:
         assert (
             conn.execute(
                 text("SELECT count(*) FROM raw_events WHERE process_error IS NOT NULL")

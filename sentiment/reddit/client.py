@@ -6,7 +6,9 @@ The async client is asyncpraw with two changes, both in its requestor:
   requests excepted) and feeds every response's rate-limit headers back to
   it before the response is used;
 * its aiohttp session decodes JSON bodies with orjson, into the objects
-  `json.loads` would give (`sentiment.reddit.jsondecode`).
+  `json.loads` would give (`sentiment.reddit.jsondecode`); inside
+  `jsondecode.raw_body` a listing's body comes back as bytes, for the
+  scraper to split itself.
 
 asyncpraw keeps its authentication, token refresh and 5xx retries.
 """

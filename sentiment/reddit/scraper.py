@@ -295,8 +295,8 @@ class _PageReader:
 
 @dataclass
 class _Page:
-    """One listing page: its children (`_Child`, or decoded JSON on the slow path)
-    and Reddit's cursor to the next page."""
+    """One listing page: its children (`_Child`, or decoded JSON on the general
+    path) and Reddit's cursor to the next page."""
 
     children: list[Any]
     after: Any

@@ -357,7 +357,7 @@ def _cells(event: RawEventDTO) -> dict[str, Any] | _Cells:
         return payload  # type: ignore[no-any-return]
     try:
         return _CELLS.decode(event.payload_json)
-    except msgspec.DecodeError:  # e.g. a non-string key: JSON, but not for msgspec
+    except msgspec.DecodeError:  # a number beyond a double, say: what msgspec refuses
         return event.payload
 
 
