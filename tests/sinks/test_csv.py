@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gc
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
 
 from sentiment.dto import RawEventDTO, dump_events, load_events
 from sentiment.errors import ConfigError, ServiceUnavailable
@@ -57,17 +55,16 @@ def day_file(csv_dir: Path, sub: str = "wallstreetbets", day: str = "2024-03-01"
     return csv_dir / "reddit" / sub / f"{day}.csv"
 
 
-def starts_a_formula(row: dict[str, str]) -> list[str]:
-    return [column for column, cell in row.items() if cell[:1] and cell[0] in TRIGGERS]
+def neutral(text: str) -> str:
+    return "'" + text if text[:1] and text[0] in TRIGGERS else text
 
 
 # -- format -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["submission", "comment"])
-def test_a_row_holds_the_tables_columns_and_the_payload_as_stored(tmp_path, kind):
+def test_submission_row_has_every_column(tmp_path):
     event = make(
-        sub="WallStreetBets", kind=kind, title="GME", selftext="to the moon\nand back, \"really\"",
+        sub="WallStreetBets", title="GME", selftext="to the moon\nand back, \"really\"",
         score=42, permalink="/r/wallstreetbets/comments/abc/gme/", url="https://example.com/x",
         at=datetime(2024, 3, 1, 9, 30, 5, 123, tzinfo=UTC),
     )  # fmt: skip
@@ -76,14 +73,27 @@ def test_a_row_holds_the_tables_columns_and_the_payload_as_stored(tmp_path, kind
 
     path = day_file(tmp_path)
     assert (result.written, result.files) == (1, (path.resolve(),))
-    assert path.read_bytes().startswith(b"id,occurred_at,source,source_id,event_type,payload\r\n")
+    assert path.read_bytes().startswith(b"id,occurred_at,source,source_id,event_type,author,")
     (row,) = read(path)
     assert row == {
         "id": event.id, "occurred_at": "2024-03-01T09:30:05.000123Z", "source": "reddit",
-        "source_id": "wallstreetbets", "event_type": kind, "payload": row["payload"],
+        "source_id": "wallstreetbets", "event_type": "submission", "author": "alice",
+        "title": "GME", "body": "to the moon\nand back, \"really\"", "score": "42",
+        "permalink": "https://www.reddit.com/r/wallstreetbets/comments/abc/gme/",
+        "url": "https://example.com/x", "payload": row["payload"],
     }  # fmt: skip
     assert orjson.loads(row["payload"]) == event.payload
-    assert row["payload"].encode() == event.payload_json  # the stored bytes, not re-encoded
+
+
+def test_comment_row_takes_body_and_leaves_missing_fields_empty(tmp_path):
+    event = make(kind="comment", body="nice", permalink="/r/x/comments/a/b/c/", author=None)
+
+    export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    (row,) = read(day_file(tmp_path))
+    assert (row["body"], row["title"], row["url"], row["author"]) == ("nice", "", "", "")
+    assert row["permalink"] == "https://www.reddit.com/r/x/comments/a/b/c/"
+    assert row["event_type"] == "comment"
 
 
 def test_rows_are_split_by_subreddit_and_utc_day(tmp_path):
@@ -113,40 +123,27 @@ def test_rows_are_split_by_subreddit_and_utc_day(tmp_path):
 
 
 @pytest.mark.parametrize("trigger", list(TRIGGERS))
-def test_no_cell_starts_a_formula_whatever_reddit_sent(tmp_path, trigger):
+def test_formula_cells_are_neutralised(tmp_path, trigger):
     value = f'{trigger}HYPERLINK("http://evil","x")'
     event = make(author=value, title=value, selftext=value, url=value, permalink=value, score=-5)
 
     export_events([event], csv_dir=tmp_path, batch_id="b1")
 
     (row,) = read(day_file(tmp_path))
-    assert starts_a_formula(row) == []
-    assert orjson.loads(row["payload"])["title"] == value  # the JSON keeps the original
+    for column in ("author", "title", "body", "url", "permalink"):
+        assert row[column] == "'" + value
+    assert row["score"] == "-5"  # a number, not a formula
+    assert orjson.loads(row["payload"])["title"] == value  # the raw JSON keeps the original
 
 
-def test_a_file_loads_back_into_raw_events_unchanged(tmp_path, db):
-    events = [
-        make(title='quotes "", commas, and\r\nnew lines', selftext="tab\tback\\slash \U0001f680"),
-        make(kind="comment", body="=1+1", author=None, at=DAY + timedelta(microseconds=7)),
-        make(title="x" * 20_000, extra={"nested": [1, {"deep": None}], "edited": 1.5e9}),
-    ]
-    export_events(events, csv_dir=tmp_path, batch_id="b1")
+def test_harmless_text_is_left_alone(tmp_path):
+    event = make(title="a=b+c-d@e", selftext=" =not a formula", score="-12345678901234567890")
 
-    columns = ", ".join(COLUMNS)
-    raw = db.raw_connection()
-    try:
-        with raw.cursor() as cur, day_file(tmp_path).open("rb") as f:
-            cur.copy_expert(f"COPY raw_events ({columns}) FROM STDIN (FORMAT csv, HEADER)", f)
-        raw.commit()
-    finally:
-        raw.close()
+    export_events([event], csv_dir=tmp_path, batch_id="b1")
 
-    with db.connect() as conn:
-        stored = conn.execute(text(f"SELECT {columns} FROM raw_events ORDER BY id")).all()
-    assert [tuple(r) for r in stored] == [
-        (e.id, e.occurred_at, "reddit", e.source_id, e.event_type, e.payload)
-        for e in sorted(events, key=lambda e: e.id)
-    ]
+    (row,) = read(day_file(tmp_path))
+    assert (row["title"], row["body"]) == ("a=b+c-d@e", " =not a formula")
+    assert row["score"] == "-12345678901234567890"  # a huge int the DTO turned into a string
 
 
 # -- path safety and bad rows -------------------------------------------------
@@ -485,15 +482,17 @@ def test_any_text_round_trips(title, body, author):
     with tempfile.TemporaryDirectory() as tmp:
         export_events([event], csv_dir=Path(tmp), batch_id="b1")
         (row,) = read(day_file(Path(tmp)))
-        # Out of a batch blob, the payload is still JSON: the same bytes reach the file.
+        # Out of a batch blob, the payload is still JSON: its cells are read from that.
         export_events(load_events(dump_events([event])), csv_dir=Path(tmp) / "b", batch_id="b1")
         assert day_file(Path(tmp) / "b").read_bytes() == day_file(Path(tmp)).read_bytes()
-    # The DTO has already dropped NULs and replaced lone surrogates.
-    assert orjson.loads(row["payload"]) == event.payload
-    assert starts_a_formula(row) == []
+    cleaned = event.payload  # the DTO has already dropped NULs and replaced lone surrogates
+    assert row["title"] == neutral(cleaned["title"])
+    assert row["body"] == neutral(cleaned["selftext"])
+    assert row["author"] == neutral(cleaned["author"])
+    assert orjson.loads(row["payload"]) == cleaned
 
 
-def test_events_out_of_a_batch_blob_write_what_decoded_events_write(tmp_path):
+def test_cells_read_from_payload_json_match_cells_from_the_decoded_payload(tmp_path):
     events = [
         make(title="=1+1", score=-3, url="https://x.test/a,b", permalink="/r/x/1/"),
         make(kind="comment", body='say "hi"\nthere', score=2.5, author=None),
@@ -502,14 +501,14 @@ def test_events_out_of_a_batch_blob_write_what_decoded_events_write(tmp_path):
     ]
     export_events(events, csv_dir=tmp_path / "decoded", batch_id="b1")
     lazy = load_events(dump_events(events))
-    assert all(e.peek_payload() is None for e in lazy)  # still JSON
+    assert all(e.peek_payload() is None for e in lazy)  # not decoded: cells come from JSON
 
     export_events(lazy, csv_dir=tmp_path / "json", batch_id="b1")
 
     decoded, from_json = day_file(tmp_path / "decoded"), day_file(tmp_path / "json")
     assert from_json.read_bytes() == decoded.read_bytes()
     assert len(read(from_json)) == 4
-    assert all(e.peek_payload() is None for e in lazy)  # and the export did not decode them
+    assert all(e.peek_payload() is None for e in lazy)  # and nothing decoded them since
 
 
 # -- CSV_DIR checked at start-up ------------------------------------------------
@@ -541,26 +540,3 @@ def test_check_csv_dir_refuses_a_folder_it_cannot_write(tmp_path):
 
     with pytest.raises(ConfigError, match=f"CSV_DIR={locked}: .*Permission denied"):
         check_csv_dir(locked)
-
-
-def test_the_readme_reads_a_file_as_it_says(tmp_path, capsys):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## The CSV files", 1)[1].split("\n## ", 1)[0]
-    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    events = [
-        make(author="alice", title='GME, "moon"', selftext="line one\nline two"),
-        make(kind="comment", author="bob", body="bearish =1+1", at=DAY + HOUR),
-    ]
-    export_events(events, csv_dir=tmp_path, batch_id="b1")
-    path = day_file(tmp_path)
-    assert re.search(r'open\("[^"]+\.csv"', snippet), "the snippet opens a file by its path"
-
-    exec(re.sub(r'open\("[^"]+\.csv"', f"open({str(path)!r}", snippet), {})
-
-    assert capsys.readouterr().out.splitlines() == [
-        '2024-03-01T12:00:00.000000Z alice GME, "moon"',
-        "line one",
-        "line two",
-        "2024-03-01T13:00:00.000000Z bob ",
-        "bearish =1+1",
-    ]
