@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -540,3 +541,23 @@ def test_check_csv_dir_refuses_a_folder_it_cannot_write(tmp_path):
 
     with pytest.raises(ConfigError, match=f"CSV_DIR={locked}: .*Permission denied"):
         check_csv_dir(locked)
+
+
+def test_the_readme_reads_a_file_as_it_says(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The CSV files", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    events = [
+        make(author="alice", title='GME, "moon"', selftext="line one\nline two"),
+        make(kind="comment", author="bob", body="=1+1 bearish", at=DAY + HOUR),
+    ]
+    export_events(events, csv_dir=tmp_path, batch_id="b1")
+    opened = r'open\("[^"]+\.csv"'
+    assert re.search(opened, snippet), "the snippet opens a file by its path"
+
+    exec(re.sub(opened, f"open({str(day_file(tmp_path))!r}", snippet), {})
+
+    assert capsys.readouterr().out.splitlines() == [
+        '2024-03-01T12:00:00.000000Z alice GME, "moon"',
+        "2024-03-01T13:00:00.000000Z bob '=1+1 bearish",
+    ]
