@@ -114,7 +114,7 @@ _REDDIT = "https://www.reddit.com"
 _THREADS = 8
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # never follow a planted symlink
 
-Rows = list[tuple[datetime, RawEventDTO]]
+Rows = list[tuple[datetime, RawEventDTO, "Cells"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,26 +270,25 @@ def _group(events: Sequence[RawEventDTO]) -> tuple[dict[str, dict[date, Rows]], 
     rejected = 0
     for event in events:
         try:
-            name, ts = _check(event, names)
+            name, ts, cells = _check(event, names)
         except (AttributeError, TypeError, ValueError, OverflowError) as exc:
             log.warning("csv export: refused event %r: %s", getattr(event, "id", None), exc)
             rejected += 1
             continue
-        groups.setdefault(name, {}).setdefault(ts.date(), []).append((ts, event))
+        groups.setdefault(name, {}).setdefault(ts.date(), []).append((ts, event, cells))
     return groups, rejected
 
 
-def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime]:
-    """The row's canonical subreddit and UTC time, or ValueError saying why it cannot
-    be written. Only rows that skipped validation (`model_construct`) can fail."""
+def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime, Cells]:
+    """The row's canonical subreddit, UTC time and cells, or ValueError saying why it
+    cannot be written. Only rows that skipped validation (`model_construct`, or a
+    batch blob that was not ours) can fail."""
     if not (isinstance(event.id, str) and _ID_RE.fullmatch(event.id)):
         raise ValueError("id is not a base36 Reddit id")
     if event.source != "reddit" or event.event_type not in _EVENT_TYPES:
         raise ValueError("unknown source or event_type")
-    payload = event.peek_payload()
-    if payload is None:
-        _ = event.payload_json  # still JSON (from_trusted_json), or AttributeError: none at all
-    elif not isinstance(payload, dict):
+    cells = _cells(event)  # AttributeError if there is no payload at all
+    if not isinstance(cells, dict | _Cells):
         raise TypeError("payload is not a JSON object")
     if not isinstance(event.occurred_at, datetime):
         raise TypeError("occurred_at is not a datetime")
@@ -300,7 +299,7 @@ def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime]:
         except ValueError as exc:
             raise InvalidSubreddit(str(exc)) from None
     ts = event.occurred_at
-    return name, ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return name, ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC), cells
 
 
 # -- formatting ---------------------------------------------------------------
@@ -316,16 +315,16 @@ def _encode(rows: Rows, name: str) -> bytes:
     """
     out: list[bytes] = []
     add = out.append
-    for ts, event in rows:
-        get = _cells(event).get
+    for ts, event, cells in rows:
+        get = cells.get
         kind = event.event_type
         body = get("selftext") if kind == "submission" else get("body")
-        cells = (f"{event.id},{ts.isoformat(timespec='microseconds')[:-6]}Z,reddit,{name},{kind},"
-                 f"{_text(get('author'))},{_text(get('title'))},{_text(body)},"
-                 f"{_score(get('score'))},{_text(_absolute(get('permalink')))},"
-                 f"{_text(get('url'))},\"")  # fmt: skip
+        line = (f"{event.id},{ts.isoformat(timespec='microseconds')[:-6]}Z,reddit,{name},{kind},"
+                f"{_text(get('author'))},{_text(get('title'))},{_text(body)},"
+                f"{_score(get('score'))},{_text(_absolute(get('permalink')))},"
+                f"{_text(get('url'))},\"")  # fmt: skip
         # "replace" only matters for a lone surrogate in a row that skipped the DTO.
-        add(cells.encode("utf-8", "replace"))
+        add(line.encode("utf-8", "replace"))
         add(event.payload_json.replace(b'"', b'""'))  # the payload cell, quoted
         add(b'"\r\n')
     return b"".join(out)
@@ -347,18 +346,22 @@ class _Cells(msgspec.Struct):
 
 
 _CELLS = msgspec.json.Decoder(_Cells)
+Cells = dict[str, Any] | _Cells  # the payload, or just the fields a row shows
 
 
-def _cells(event: RawEventDTO) -> dict[str, Any] | _Cells:
+def _cells(event: RawEventDTO) -> Any:
     """The fields of the payload the row shows, read from its JSON if it is not
-    decoded yet (~3x cheaper than decoding all of it)."""
+    decoded yet (~3x cheaper than decoding all of it); whatever the JSON holds,
+    which `_check` requires to be an object. ValueError if it is not JSON."""
     payload = event.peek_payload()
     if payload is not None:
-        return payload  # type: ignore[no-any-return]
+        return payload
     try:
         return _CELLS.decode(event.payload_json)
-    except msgspec.DecodeError:  # a number beyond a double, say: what msgspec refuses
-        return event.payload
+    except msgspec.ValidationError:  # valid JSON, but not an object
+        return None
+    except msgspec.DecodeError:  # a number beyond a double, say, or not JSON at all
+        return event.payload  # orjson.JSONDecodeError (a ValueError) if not JSON
 
 
 def _text(value: Any) -> str:
@@ -461,27 +464,36 @@ def _append_locked(work: _Dir, dir_fd: int, batch_id: str) -> bool:
 
 
 def _open_ledger(directory: Path, dir_fd: int) -> _Ledger:
-    path = directory / LEDGER
     try:
-        fd = os.open(LEDGER, _OPEN | os.O_EXCL, 0o644, dir_fd=dir_fd)
-    except FileExistsError:
-        fd = os.open(LEDGER, _OPEN, 0o644, dir_fd=dir_fd)
-    else:  # a new ledger: there must be nothing for it to have committed
-        with os.scandir(dir_fd) as entries:
-            orphans = [e.name for e in entries if e.name.endswith(".csv") and e.stat().st_size]
-        if orphans:
-            os.close(fd)
-            os.unlink(LEDGER, dir_fd=dir_fd)
-            raise CsvLedgerCorrupt(f"{directory} has CSV files but no {LEDGER} "
-                                   f"({', '.join(sorted(orphans)[:3])}); restore the ledger "
-                                   "or move the CSV files aside")  # fmt: skip
-        os.fsync(dir_fd)  # the ledger's name is durable before any CSV it commits
-        return _Ledger(fd)
+        fd = os.open(LEDGER, _OPEN & ~os.O_CREAT, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return _new_ledger(directory, dir_fd)
     try:
-        return _read_ledger(path, fd)
+        return _read_ledger(directory / LEDGER, fd)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _new_ledger(directory: Path, dir_fd: int) -> _Ledger:
+    """A directory's first ledger; refused if CSVs with rows are there already.
+
+    The check comes before the ledger exists: an empty ledger beside rows would
+    make the next export take them all for an unfinished append and cut them.
+    The directory's flock keeps every other exporter out meanwhile."""
+    with os.scandir(dir_fd) as entries:
+        orphans = [e.name for e in entries if e.name.endswith(".csv") and e.stat().st_size]
+    if orphans:
+        raise CsvLedgerCorrupt(f"{directory} has CSV files but no {LEDGER} "
+                               f"({', '.join(sorted(orphans)[:3])}); restore the ledger "
+                               "or move the CSV files aside")  # fmt: skip
+    fd = os.open(LEDGER, _OPEN | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    try:
+        os.fsync(dir_fd)  # the ledger's name is durable before any CSV it commits
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Ledger(fd)
 
 
 def _read_ledger(path: Path, fd: int) -> _Ledger:
@@ -535,27 +547,32 @@ def _apply(ledger: _Ledger, line: bytes, *, first: bool, old: float) -> None:
 
 
 def _write_files(work: _Dir, dir_fd: int, ledger: _Ledger, batch_id: str) -> None:
-    """Steps 2 to 4 of the module doc for every file of `work`."""
+    """Steps 2 to 4 of the module doc for every file of `work`.
+
+    Each file is written, synced and closed before the next is opened: a batch
+    may span hundreds of days (a first backfill of a quiet subreddit), more
+    files than a process may hold open."""
     spans: dict[str, list[int]] = {}
-    fds: dict[str, int] = {}
     try:
         for file, (chunk, count) in work.chunks.items():
-            fd = fds[file] = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
-            end = ledger.ends.get(file, 0)
-            size = os.fstat(fd).st_size
-            if size < end:
-                raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its ledger "
-                                       f"commits {end}; move the directory's CSV files and "
-                                       "ledger aside to start again")  # fmt: skip
-            if size > end:
-                log.warning("csv export: %s: cutting %d bytes of an unfinished append",
-                            work.path / file, size - end)  # fmt: skip
-                os.ftruncate(fd, end)
-            data = _HEADER + chunk if end == 0 else chunk
-            spans[file] = [end, end + len(data), count]
-            _write_chunk(fd, data, end)
-        for fd in fds.values():
-            os.fdatasync(fd)
+            fd = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
+            try:
+                end = ledger.ends.get(file, 0)
+                size = os.fstat(fd).st_size
+                if size < end:
+                    raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its ledger "
+                                           f"commits {end}; move the directory's CSV files and "
+                                           "ledger aside to start again")  # fmt: skip
+                if size > end:
+                    log.warning("csv export: %s: cutting %d bytes of an unfinished append",
+                                work.path / file, size - end)  # fmt: skip
+                    os.ftruncate(fd, end)
+                data = _HEADER + chunk if end == 0 else chunk
+                spans[file] = [end, end + len(data), count]
+                _write_chunk(fd, data, end)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         if any(start == 0 for start, _, _ in spans.values()):
             os.fsync(dir_fd)  # a new file's name must be durable before its commit
         record = orjson.dumps({"batch": batch_id, "at": int(time.time()),
@@ -563,17 +580,25 @@ def _write_files(work: _Dir, dir_fd: int, ledger: _Ledger, batch_id: str) -> Non
         _write_chunk(ledger.fd, record + b"\n", ledger.length)  # the commit point
         os.fdatasync(ledger.fd)
     except OSError:
-        with contextlib.suppress(OSError):  # an unsure commit becomes no commit; if this
-            os.ftruncate(ledger.fd, ledger.length)  # fails too, the next recovery cuts all
-            for file, fd in fds.items():
-                os.ftruncate(fd, ledger.ends.get(file, 0))
+        # An unsure commit becomes no commit; whatever this cannot undo, the next
+        # export's recovery cuts (bytes past each file's committed length).
+        with contextlib.suppress(OSError):
+            os.ftruncate(ledger.fd, ledger.length)
+        for file in spans:
+            with contextlib.suppress(OSError):
+                _truncate(file, dir_fd, ledger.ends.get(file, 0))
         raise
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     ledger.records.append(record)
     ledger.length += len(record) + 1
     ledger.ends.update((file, end) for file, (_, end, _) in spans.items())
+
+
+def _truncate(file: str, dir_fd: int, length: int) -> None:
+    fd = os.open(file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.ftruncate(fd, length)
+    finally:
+        os.close(fd)
 
 
 def _compact(directory: Path, dir_fd: int, ledger: _Ledger) -> None:

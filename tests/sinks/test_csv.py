@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from sentiment.dto import RawEventDTO, dump_events, load_events
 from sentiment.errors import ConfigError, ServiceUnavailable
 from sentiment.reddit.ids import to_base36 as base36
+from sentiment.sinks import csv as sink
 from sentiment.sinks.csv import COLUMNS, LEDGER, CsvLedgerCorrupt, check_csv_dir, export_events
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,6 +256,68 @@ def test_a_damaged_file_is_reported_after_the_other_files_are_written(tmp_path, 
 
     assert path.read_bytes() == before  # left for a person to look at, never cut
     assert [r["id"] for r in read(day_file(tmp_path, "stocks"))] == [other.id]
+
+
+def test_a_failure_before_a_first_ledger_exists_never_cuts_committed_rows(tmp_path, monkeypatch):
+    export_events([make()], csv_dir=tmp_path, batch_id="b1")
+    path = day_file(tmp_path)
+    before = path.read_bytes()
+    (path.parent / LEDGER).unlink()  # lost: deleted by hand, or a backup without it
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def no_more_files(*args: Any) -> Any:
+        raise OSError(24, "Too many open files")
+
+    with monkeypatch.context() as patched:  # the scan for orphaned rows fails
+        patched.setattr(sink.os, "scandir", no_more_files)
+        with pytest.raises(ServiceUnavailable, match="Too many open files"):
+            export_events([make()], csv_dir=tmp_path, batch_id="b2")
+    assert len(os.listdir("/proc/self/fd")) == fds  # nothing left open
+    assert not (path.parent / LEDGER).exists()  # no empty ledger beside the rows
+
+    with pytest.raises(CsvLedgerCorrupt, match=r"no ledger\.jsonl"):
+        export_events([make()], csv_dir=tmp_path, batch_id="b3")  # still refused, not cut
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("payload_json", [b"[1, 2]", b"null", b'"text"', b"{not json", b""])
+def test_a_payload_that_is_not_a_json_object_is_refused_and_the_rest_written(
+    tmp_path, payload_json
+):
+    good = make(sub="stocks")
+    bad = RawEventDTO.from_trusted_json(  # as out of a batch blob that was not ours
+        id="zz1", occurred_at=DAY, source_id="wallstreetbets", event_type="comment",
+        payload_json=payload_json,
+    )  # fmt: skip
+
+    result = export_events([bad, good], csv_dir=tmp_path, batch_id="b1")
+
+    assert (result.written, result.rejected) == (1, 1)
+    assert [r["id"] for r in read(day_file(tmp_path, "stocks"))] == [good.id]
+    assert not day_file(tmp_path).exists()
+
+
+def test_a_batch_over_more_days_than_files_a_process_may_open(tmp_path):
+    days = [DAY - timedelta(days=n) for n in range(300)]  # a quiet subreddit's first backfill
+    blob = tmp_path / "batch.blob"
+    blob.write_bytes(dump_events([make(at=day) for day in days]))
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from sentiment.dto import load_events\n"
+        "from sentiment.sinks.csv import export_events\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
+        "events = load_events(Path(sys.argv[1]).read_bytes())\n"
+        "print(export_events(events, csv_dir=Path(sys.argv[2]), batch_id='b1').written)\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", code, str(blob), str(tmp_path / "csv")],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["300"]
+    files = sorted((tmp_path / "csv" / "reddit" / "wallstreetbets").glob("*.csv"))
+    assert len(files) == 300 and all(len(read(f)) == 1 for f in files)
 
 
 # -- exactly once ---------------------------------------------------------------
