@@ -7,11 +7,15 @@ split batch and then fails for good. Two records make that visible:
 `ingested_batches` knows, for 7 days, which rows each batch stored as new, and
 each subreddit's CSV ledger knows which batches it committed.
 
-`export_missing` compares them for the batches between an hour old (younger
-ones may still be on their way through a chain) and three days old (the
-ledgers remember a batch for four, so a batch is never written twice), and
-exports what is missing through the normal path: `export_events` under the
-batch's own id, exactly once even if the chain's own export runs after all.
+`export_missing` compares them for the batches between an hour and three
+days old (the ledgers remember a batch for four, so a batch is never written
+twice) whose blob is gone from Redis, and exports what is missing through the
+normal path: `export_events` under the batch's own id. A batch whose blob is
+still there is left to its chain: its insert may still be retrying, or be
+redelivered after a worker died, and store more chunks, and a ledger that
+committed the batch's first chunks under its id would make the chain's own
+export skip the rest. The blob goes when the export has written the batch,
+when the insert fails for good, or when it expires (three days).
 Beat runs it hourly.
 """
 
@@ -27,6 +31,7 @@ from sqlalchemy import Engine, text
 from sentiment.config import get_settings
 from sentiment.db import get_engine
 from sentiment.errors import SentimentError
+from sentiment.pipeline import batch_key, get_redis
 from sentiment.sinks.csv import committed_batches, export_events
 from sentiment.sinks.postgres import stored_new_events
 
@@ -57,12 +62,14 @@ _BATCHES = text(
 
 @dataclass(frozen=True, slots=True)
 class AuditResult:
-    """Batches looked at, those missing from the CSV, rows written now, batches still failing."""
+    """Batches looked at, those missing from the CSV, rows written now, batches still
+    failing, and batches missing but left to their chains (blob still in Redis)."""
 
     batches: int
     missing: int
     rows_written: int
     failing: int
+    in_flight: int = 0
 
     def summary(self) -> dict[str, int]:
         return asdict(self)
@@ -70,14 +77,16 @@ class AuditResult:
 
 def export_missing(*, csv_dir: Path | None = None, engine: Engine | None = None) -> AuditResult:
     """Export every batch of the last three days (but the last hour) that is stored
-    in PostgreSQL and missing from its subreddit's CSV ledger."""
+    in PostgreSQL, missing from its subreddit's CSV ledger, and no longer held by a
+    chain (its blob is gone from Redis)."""
     csv_dir = csv_dir or get_settings().csv_dir
     with (engine or get_engine()).connect() as conn:
         rows = conn.execute(_BATCHES, {"min_age": _MIN_AGE_S, "max_age": _MAX_AGE_S}).all()
     by_subreddit: dict[str, list[str]] = defaultdict(list)
     for batch_id, subreddit in rows:
         by_subreddit[subreddit].append(batch_id)
-    missing = written = failing = 0
+    missing = written = failing = in_flight = 0
+    redis = get_redis()
     for subreddit, batch_ids in sorted(by_subreddit.items()):
         try:
             done = committed_batches(csv_dir, subreddit)
@@ -87,6 +96,11 @@ def export_missing(*, csv_dir: Path | None = None, engine: Engine | None = None)
             continue
         for batch_id in batch_ids:
             if batch_id in done:
+                continue
+            if redis.exists(batch_key(batch_id)):
+                log.info("r/%s: batch %s is not in CSV yet; its chain still holds it",
+                         subreddit, batch_id)  # fmt: skip
+                in_flight += 1
                 continue
             missing += 1
             try:
@@ -100,4 +114,4 @@ def export_missing(*, csv_dir: Path | None = None, engine: Engine | None = None)
             written += result.written
             log.warning("r/%s: batch %s was stored but never exported; wrote its %d rows now",
                         subreddit, batch_id, result.written)  # fmt: skip
-    return AuditResult(len(rows), missing, written, failing)
+    return AuditResult(len(rows), missing, written, failing, in_flight)

@@ -54,6 +54,7 @@ __all__ = [
     "MalformedBatch",
     "acquire_scrape_lock",
     "advance_watermarks",
+    "batch_key",
     "check_batch",
     "clear_failing",
     "close_runtime",
@@ -221,11 +222,17 @@ def _remember(key: str, events: list[RawEventDTO]) -> None:
         cached -= len(_cache.popitem(last=False)[1])
 
 
-def stash_batch(events: list[RawEventDTO]) -> str | None:
-    """Store events as a compressed blob; return its key (None for no events)."""
+def batch_key(batch_id: str) -> str:
+    """Where the blob of batch `batch_id` lives while its chain may still use it."""
+    return f"sentiment:batch:{batch_id}"
+
+
+def stash_batch(events: list[RawEventDTO], batch_id: str | None = None) -> str | None:
+    """Store events as a compressed blob under `batch_key(batch_id)` (a fresh id if
+    None); return its key (None for no events)."""
     if not events:
         return None
-    key = f"sentiment:batch:{uuid.uuid4().hex}"
+    key = batch_key(batch_id or uuid.uuid4().hex)
     get_redis().set(key, zstd.compress(dump_events(events)), ex=BATCH_TTL_S)
     _remember(key, list(events))
     return key

@@ -91,10 +91,15 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     if token is None:
         log.info("skipping r/%s: another scrape of it is in progress", name)
         return {"subreddit": name, "skipped": f"another scrape of r/{name} is in progress"}
+    # One per run, not the task id: a redelivered scrape message keeps its id but
+    # fetches other items, and the sinks' replay records and the CSV ledger know a
+    # batch by this id (as does export_missing, which leaves a batch alone while
+    # its blob, under this id, is still in Redis).
+    batch_id = uuid.uuid4().hex
     try:
         result = pipeline.fetch(name)
         # Rechecked items go to the sink too: it stores those Reddit listed late.
-        ref = pipeline.stash_batch(result.events + result.rechecked)
+        ref = pipeline.stash_batch(result.events + result.rechecked, batch_id)
     except (SubredditUnavailable, RedditAuthError) as exc:
         pipeline.release_scrape_lock(name, token)
         if isinstance(exc, SubredditUnavailable):
@@ -113,10 +118,7 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     batch = {
         **result.summary(),
         "batch": ref,
-        # One per run, not the task id: a redelivered scrape message keeps its id but
-        # fetches other items, and the sinks' replay records and the CSV ledger
-        # know a batch by this id.
-        "batch_id": uuid.uuid4().hex,
+        "batch_id": batch_id,
         "watermarks": result.watermarks,
         "lock": token,
         "started_at": started,
@@ -127,7 +129,28 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     return self.replace(chain(insert_batch.s(batch), export_csv.s()))  # type: ignore[no-any-return]
 
 
-@app.task(bind=True, name="sentiment.tasks.insert_batch", **_RETRY)
+class _InsertTask(Task):  # type: ignore[misc]  # celery is untyped
+    """insert_batch: an insert that fails for good lets go of its batch.
+
+    The scrape lock goes, so the next scrape of the subreddit fetches the items
+    again at once (the watermarks did not move) instead of after the lock's TTL;
+    the blob goes, so `export_missing` writes to CSV whatever chunks of it were
+    committed (while the blob is there it waits for the chain)."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], einfo: Any) -> None:  # fmt: skip
+        batch = args[0] if args else None
+        if not isinstance(batch, dict) or not isinstance(batch.get("subreddit"), str):
+            return  # a malformed message: no lock or blob of ours to let go of
+        try:
+            pipeline.release_scrape_lock(batch["subreddit"], batch.get("lock"))
+            pipeline.drop_batch(batch.get("batch"))
+        except redis.exceptions.RedisError as gone:  # the lock and the blob expire anyway
+            log.warning("r/%s: could not let go of batch %s after its insert failed: %s",
+                        batch["subreddit"], batch.get("batch_id"), gone)  # fmt: skip
+
+
+@app.task(bind=True, base=_InsertTask, name="sentiment.tasks.insert_batch", **_RETRY)
 def insert_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     """Store a stashed batch; pass on which of its events were new."""
     pipeline.check_batch("insert_batch", batch, pipeline.INSERT_NEEDS)

@@ -29,7 +29,7 @@ def _age(db, batch_id: str, hours: float) -> None:
         )  # fmt: skip
 
 
-def test_a_batch_stored_but_never_exported_is_exported_once(db, csv_dir):
+def test_a_batch_stored_but_never_exported_is_exported_once(db, csv_dir, redis_client):
     """Redis lost everything after the insert (the queued export with it), or the
     insert failed for good after committing part of a split batch."""
     from sentiment.audit import export_missing
@@ -50,7 +50,7 @@ def test_a_batch_stored_but_never_exported_is_exported_once(db, csv_dir):
     assert sorted(_csv_ids(csv_dir)) == sorted(e.id for e in stored + exported)
 
 
-def test_recent_old_and_empty_batches_are_left_alone(db, csv_dir):
+def test_recent_old_and_empty_batches_are_left_alone(db, csv_dir, redis_client):
     from sentiment.audit import export_missing
 
     insert_batch(make_events(3, subreddit="stocks"), batch_id="in-flight")  # its chain may run yet
@@ -67,7 +67,9 @@ def test_recent_old_and_empty_batches_are_left_alone(db, csv_dir):
     assert _csv_ids(csv_dir) == []
 
 
-def test_a_directory_that_cannot_be_written_is_counted_and_the_others_go_on(db, csv_dir):
+def test_a_directory_that_cannot_be_written_is_counted_and_the_others_go_on(
+    db, csv_dir, redis_client
+):
     from sentiment.audit import export_missing
 
     insert_batch(make_events(4, subreddit="stocks"), batch_id="blocked")
@@ -80,3 +82,51 @@ def test_a_directory_that_cannot_be_written_is_counted_and_the_others_go_on(db, 
     result = export_missing(csv_dir=csv_dir)
 
     assert (result.missing, result.rows_written, result.failing) == (1, 5, 1)  # stocks: unknown
+
+
+def test_a_batch_still_held_by_its_chain_is_left_to_it_and_reaches_the_csv_whole(
+    db, csv_dir, redis_client
+):
+    """A worker died after the first chunks of a split batch committed; its insert
+    comes back more than an hour later (the visibility timeout) and stores the rest."""
+    from sentiment import pipeline
+    from sentiment.audit import export_missing
+
+    events = make_events(12, subreddit="stocks")
+    pipeline.stash_batch(events, "redelivered")  # the chain's blob, still in Redis
+    insert_batch(events[:5], batch_id="redelivered")  # what committed before the worker died
+    _age(db, "redelivered", hours=2)
+
+    waiting = export_missing(csv_dir=csv_dir)
+
+    assert (waiting.missing, waiting.rows_written, waiting.in_flight) == (0, 0, 1)
+    assert _csv_ids(csv_dir) == []
+    # The insert, redelivered, stores the rest; its chain exports the whole batch.
+    new = insert_batch(events, batch_id="redelivered", chunk_size=5).new
+    export_events(new, csv_dir=csv_dir, batch_id="redelivered")
+    pipeline.drop_batch(pipeline.batch_key("redelivered"))
+    assert sorted(_csv_ids(csv_dir)) == sorted(e.id for e in events)
+    assert export_missing(csv_dir=csv_dir).missing == 0
+
+
+def test_a_batch_whose_insert_failed_for_good_is_exported_once_its_blob_is_gone(
+    db, csv_dir, redis_client
+):
+    from sentiment import pipeline
+    from sentiment.audit import export_missing
+    from sentiment.tasks import insert_batch as insert_task
+
+    events = make_events(12, subreddit="stocks")
+    key = pipeline.stash_batch(events, "failed")
+    insert_batch(events[:5], batch_id="failed")  # committed before the insert failed for good
+    _age(db, "failed", hours=2)
+    token = pipeline.acquire_scrape_lock("stocks", ttl_s=600)
+    batch = {"subreddit": "stocks", "batch": key, "batch_id": "failed", "lock": token}
+
+    insert_task.on_failure(RuntimeError("gave up"), "task-id", (batch,), {}, None)
+
+    assert redis_client.exists(key) == 0  # the blob is let go of,
+    assert pipeline.acquire_scrape_lock("stocks", ttl_s=60) is not None  # and the lock
+    result = export_missing(csv_dir=csv_dir)
+    assert (result.missing, result.rows_written, result.in_flight) == (1, 5, 0)
+    assert sorted(_csv_ids(csv_dir)) == sorted(e.id for e in events[:5])
