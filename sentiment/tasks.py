@@ -76,6 +76,19 @@ _RETRY = {
 }
 
 
+def _let_go(subreddit: str, token: str, *, error: str) -> None:
+    """After a failed scrape: release its lock and record why, if Redis lets us.
+
+    With Redis down this fails too; then the failure that brought us here, not
+    this one, decides whether the scrape is retried (the lock expires anyway)."""
+    try:
+        pipeline.release_scrape_lock(subreddit, token)
+        pipeline.record_run(subreddit, error=error)
+    except redis.exceptions.RedisError as exc:
+        log.warning("r/%s: could not release the scrape lock or record the error: %s",
+                    subreddit, exc)  # fmt: skip
+
+
 @app.task(bind=True, name="sentiment.tasks.scrape", max_retries=_settings.task_max_retries)
 def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     """Scrape one subreddit, then hand the batch to insert_batch → export_csv."""
@@ -101,18 +114,19 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
         # Rechecked items go to the sink too: it stores those Reddit listed late.
         ref = pipeline.stash_batch(result.events + result.rechecked, batch_id)
     except (SubredditUnavailable, RedditAuthError) as exc:
-        pipeline.release_scrape_lock(name, token)
+        _let_go(name, token, error=str(exc))
         if isinstance(exc, SubredditUnavailable):
             seconds = pipeline.mark_failing(name, str(exc))
             log.warning("r/%s marked failing for %ds: %s", name, seconds, exc)
-        pipeline.record_run(name, error=str(exc))
         raise
     except Exception as exc:
-        pipeline.release_scrape_lock(name, token)
-        pipeline.record_run(name, error=f"{type(exc).__name__}: {exc}")
+        _let_go(name, token, error=f"{type(exc).__name__}: {exc}")
         if getattr(exc, "retryable", False) or isinstance(exc, _TRANSIENT):
             countdown = min(_settings.retry_backoff_max, 2 ** (self.request.retries + 1))
-            raise self.retry(exc=exc, countdown=countdown) from exc
+            # Not beat's `expires`: that would drop the retry of a scrape whose
+            # attempts took most of its interval. A retry is one message, not a
+            # backlog, and the scrape lock keeps it from overlapping a newer scrape.
+            raise self.retry(exc=exc, countdown=countdown, expires=None) from exc
         raise
     pipeline.clear_failing(name)
     batch = {

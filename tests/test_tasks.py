@@ -102,6 +102,22 @@ def test_scrape_delay_from_a_python_shell(worker, simulator):
     assert "'inserted': 10" in result.stdout
 
 
+def test_a_beat_scrape_retried_after_its_expiry_still_runs(
+    worker_factory, simulator, db, redis_client, csv_dir
+):
+    """Beat sends scrapes with `expires`; a retry must not inherit it, or a scrape
+    whose failing attempts used up its interval would be dropped, not retried."""
+    worker_factory(env={"REDDIT_MAX_ATTEMPTS": "1"})  # a page fails after asyncprawcore tries 3
+    name = _unique_subreddit("expiring")
+    simulator.add_subreddit(name, submissions=3, comments=4)
+    # Both kinds are fetched at once: 3 requests each, 2-6 s, then the task retries.
+    simulator.inject_fault("status", status=503, count=6, subreddit=name)
+
+    summary = scrape.apply_async(args=[name], expires=2).get(timeout=120)
+
+    assert summary["inserted"] == summary["exported"] == 7
+
+
 def test_an_overlapping_scrape_is_refused(worker, simulator):
     name = _unique_subreddit("overlap")
     simulator.add_subreddit(name, submissions=3)
@@ -506,7 +522,7 @@ def test_missed_exports_through_the_task(worker, db, csv_dir):
         conn.execute(text("UPDATE ingested_batches SET created_at = now() - interval '2 hours'"))
 
     assert export_missing.delay().get(timeout=60) == {
-        "batches": 1, "missing": 1, "rows_written": 6, "failing": 0
+        "batches": 1, "missing": 1, "rows_written": 6, "failing": 0, "in_flight": 0
     }  # fmt: skip
     assert len(_csv_ids(csv_dir)) == 6
 
@@ -715,3 +731,23 @@ def test_a_pool_process_closes_its_reddit_client_on_the_way_out(simulator, redis
     assert runtime.reddit.requestor._http.closed
     assert os.getpid() not in pipeline._runtimes
     pipeline.close_runtime()  # nothing left to close: no error
+
+
+def test_a_failed_scrape_lets_go_of_its_lock_and_says_why_and_shrugs_if_redis_is_gone(
+    redis_client, monkeypatch
+):
+    import redis
+
+    from sentiment import tasks
+
+    name = _unique_subreddit("letgo")
+    token = pipeline.acquire_scrape_lock(name, ttl_s=60)
+    tasks._let_go(name, token, error="RedditUnavailable: 503")
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60) is not None  # released
+    assert "503" in redis_client.hget(pipeline.runs_key(name), "error").decode()
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(pipeline, "release_scrape_lock", gone)
+    tasks._let_go(name, "token", error="ServiceUnavailable: Redis")  # logged, not raised

@@ -27,6 +27,9 @@ import random
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sentiment.errors import ServiceUnavailable
 
 __all__ = ["LimiterState", "SharedRateLimiter", "limiter_key"]
 
@@ -108,6 +111,10 @@ return 1
 """
 
 
+def _unavailable(exc: RedisError) -> ServiceUnavailable:
+    return ServiceUnavailable(f"Redis (the shared Reddit rate limit) is unavailable: {exc}")
+
+
 def limiter_key(client_id: str) -> str:
     """The Redis key of a client id's window (a digest: the id itself stays out of Redis)."""
     return f"sentiment:reddit:ratelimit:{hashlib.sha256(client_id.encode()).hexdigest()[:16]}"
@@ -135,11 +142,17 @@ class SharedRateLimiter:
         self._observe = redis.register_script(_OBSERVE)
 
     async def acquire(self) -> None:
-        """Wait until this process may send one request."""
+        """Wait until this process may send one request.
+
+        ServiceUnavailable (retryable) if Redis cannot be reached: that is not
+        Reddit's fault, and the scrape is retried like any other outage."""
         while True:
-            granted, wait = await self._acquire(
-                keys=[self.key], args=[self.limit, self.window_seconds]
-            )
+            try:
+                granted, wait = await self._acquire(
+                    keys=[self.key], args=[self.limit, self.window_seconds]
+                )
+            except RedisError as exc:
+                raise _unavailable(exc) from exc
             if int(granted):
                 return
             # Jitter so the processes that waited do not all wake in the same instant.
@@ -155,16 +168,19 @@ class SharedRateLimiter:
             reset = headers.get("x-ratelimit-reset", "")
             if status == 429 and not reset:
                 reset = headers.get("retry-after", str(self.window_seconds))
-        await self._observe(
-            keys=[self.key],
-            args=[
-                remaining or "nil",
-                reset or "nil",
-                _RESET_MARGIN_S,
-                "1" if status == 429 else "0",
-                self.window_seconds,
-            ],
-        )
+        try:
+            await self._observe(
+                keys=[self.key],
+                args=[
+                    remaining or "nil",
+                    reset or "nil",
+                    _RESET_MARGIN_S,
+                    "1" if status == 429 else "0",
+                    self.window_seconds,
+                ],
+            )
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
 
     async def close(self) -> None:
         """Close the Redis connection this limiter was given."""

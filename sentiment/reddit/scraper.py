@@ -44,7 +44,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from sentiment.config import valid_subreddit
 from sentiment.dto import RawEventDTO, canonical_id, to_utc
-from sentiment.errors import InvalidSubreddit, RedditError, RedditUnavailable
+from sentiment.errors import InvalidSubreddit, RedditError, RedditUnavailable, ServiceUnavailable
 from sentiment.reddit.client import translate_error
 from sentiment.reddit.ids import base36_to_int
 from sentiment.reddit.jsondecode import decode_json, no_huge_integers, raw_body
@@ -320,7 +320,7 @@ async def _fetch_page(
             try:
                 with raw_body(path):  # the body's bytes: `_read_listing` decodes them
                     body = await reddit.request(method="GET", path=path, params=params)
-            except RedditError:
+            except (RedditError, ServiceUnavailable):  # ours already (the limiter's Redis)
                 raise
             except Exception as exc:  # asyncprawcore's errors, translated at the boundary
                 raise await translate_error(exc, subreddit) from exc

@@ -12,7 +12,12 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from sentiment.config import Settings
-from sentiment.errors import InvalidSubreddit, RedditAuthError, SubredditUnavailable
+from sentiment.errors import (
+    InvalidSubreddit,
+    RedditAuthError,
+    ServiceUnavailable,
+    SubredditUnavailable,
+)
 from sentiment.reddit import scraper
 from sentiment.reddit.client import make_reddit
 from sentiment.reddit.ratelimit import SharedRateLimiter
@@ -149,6 +154,26 @@ def test_a_dropped_connection_is_retried(settings, simulator, redis_client):
     result, _ = scrape(settings, name)
 
     assert len(result.events) == 4
+
+
+def test_redis_gone_from_under_the_limiter_is_a_retryable_outage_not_a_reddit_error(
+    settings, simulator
+):
+    simulator.add_subreddit(name := _name("noredis"), submissions=2)
+
+    async def run() -> None:
+        gone = AsyncRedis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+        limiter = SharedRateLimiter(gone, "id", limit=100, window_seconds=60)
+        reddit = make_reddit(settings, limiter)
+        try:
+            await scrape_subreddit(reddit, name, {}, attempts=2)
+        finally:
+            await reddit.close()
+            await gone.aclose()
+
+    with pytest.raises(ServiceUnavailable, match="Redis") as caught:
+        asyncio.run(run())
+    assert caught.value.retryable
 
 
 def test_bad_credentials_give_a_clear_error(settings, simulator, redis_client):
