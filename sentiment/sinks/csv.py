@@ -112,9 +112,10 @@ _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 _EVENT_TYPES = frozenset({"submission", "comment"})
 _REDDIT = "https://www.reddit.com"
 _THREADS = 8
+_OPEN_AT_ONCE = 32  # CSV files a thread holds open; 8 threads stay well inside 1,024
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # never follow a planted symlink
 
-Rows = list[tuple[datetime, RawEventDTO, "Cells"]]
+Rows = list[tuple[datetime, RawEventDTO]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,7 @@ class _Dir:
     name: str
     path: Path
     chunks: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # file -> (rows, count)
+    refused: int = 0  # rows whose payload turned out not to be a JSON object
 
     @property
     def rows(self) -> int:
@@ -222,6 +224,7 @@ def _export(events: Sequence[RawEventDTO], root: Path, batch_id: str) -> ExportR
             errors.append(exc)  # every other directory still finished: a retry skips those
             continue
         counts[outcome] += work.rows
+        rejected += work.refused
         if outcome != "refused":
             files.extend(work.path / file for file in work.chunks)
     if errors:
@@ -235,7 +238,10 @@ def _formatted(groups: dict[str, dict[date, Rows]], root: Path) -> Iterator[_Dir
     for name in sorted(groups):
         work = _Dir(name, root / "reddit" / name)
         for day, rows in sorted(groups[name].items()):
-            work.chunks[f"{day.isoformat()}.csv"] = (_encode(rows, name), len(rows))
+            data, count = _encode(rows, name)
+            work.refused += len(rows) - count
+            if count:
+                work.chunks[f"{day.isoformat()}.csv"] = (data, count)
         yield work
 
 
@@ -270,25 +276,27 @@ def _group(events: Sequence[RawEventDTO]) -> tuple[dict[str, dict[date, Rows]], 
     rejected = 0
     for event in events:
         try:
-            name, ts, cells = _check(event, names)
+            name, ts = _check(event, names)
         except (AttributeError, TypeError, ValueError, OverflowError) as exc:
             log.warning("csv export: refused event %r: %s", getattr(event, "id", None), exc)
             rejected += 1
             continue
-        groups.setdefault(name, {}).setdefault(ts.date(), []).append((ts, event, cells))
+        groups.setdefault(name, {}).setdefault(ts.date(), []).append((ts, event))
     return groups, rejected
 
 
-def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime, Cells]:
-    """The row's canonical subreddit, UTC time and cells, or ValueError saying why it
-    cannot be written. Only rows that skipped validation (`model_construct`, or a
-    batch blob that was not ours) can fail."""
+def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime]:
+    """The row's canonical subreddit and UTC time, or ValueError saying why it cannot
+    be written. Only rows that skipped validation (`model_construct`, or a batch blob
+    that was not ours) can fail. (A payload still JSON is checked as it is formatted.)"""
     if not (isinstance(event.id, str) and _ID_RE.fullmatch(event.id)):
         raise ValueError("id is not a base36 Reddit id")
     if event.source != "reddit" or event.event_type not in _EVENT_TYPES:
         raise ValueError("unknown source or event_type")
-    cells = _cells(event)  # AttributeError if there is no payload at all
-    if not isinstance(cells, dict | _Cells):
+    payload = event.peek_payload()
+    if payload is None:
+        _ = event.payload_json  # still JSON (from_trusted_json), or AttributeError: none at all
+    elif not isinstance(payload, dict):
         raise TypeError("payload is not a JSON object")
     if not isinstance(event.occurred_at, datetime):
         raise TypeError("occurred_at is not a datetime")
@@ -299,14 +307,16 @@ def _check(event: RawEventDTO, names: dict[str, str]) -> tuple[str, datetime, Ce
         except ValueError as exc:
             raise InvalidSubreddit(str(exc)) from None
     ts = event.occurred_at
-    return name, ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC), cells
+    return name, ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 # -- formatting ---------------------------------------------------------------
 
 
-def _encode(rows: Rows, name: str) -> bytes:
-    """The rows as CSV bytes (no header), in one buffer so that the file gets one write.
+def _encode(rows: Rows, name: str) -> tuple[bytes, int]:
+    """The rows as CSV bytes (no header), in one buffer so that the file gets one
+    write, and how many rows it holds: a row whose payload JSON turns out not to be
+    an object is refused here (logged, not counted), and the others go on.
 
     Built by hand: Python 3.11's csv.writer does ~60 MB/s, 4x slower than this on
     1.5 KB rows. id, occurred_at, source_id and event_type are validated and need
@@ -315,8 +325,14 @@ def _encode(rows: Rows, name: str) -> bytes:
     """
     out: list[bytes] = []
     add = out.append
-    for ts, event, cells in rows:
-        get = cells.get
+    count = 0
+    for ts, event in rows:
+        try:
+            get = _cells(event).get
+        except (AttributeError, TypeError, ValueError) as exc:  # not an object / not JSON
+            log.warning("csv export: refused event %r: payload is not a JSON object (%s)",
+                        event.id, exc)  # fmt: skip
+            continue
         kind = event.event_type
         body = get("selftext") if kind == "submission" else get("body")
         line = (f"{event.id},{ts.isoformat(timespec='microseconds')[:-6]}Z,reddit,{name},{kind},"
@@ -327,7 +343,8 @@ def _encode(rows: Rows, name: str) -> bytes:
         add(line.encode("utf-8", "replace"))
         add(event.payload_json.replace(b'"', b'""'))  # the payload cell, quoted
         add(b'"\r\n')
-    return b"".join(out)
+        count += 1
+    return b"".join(out), count
 
 
 class _Cells(msgspec.Struct):
@@ -346,22 +363,24 @@ class _Cells(msgspec.Struct):
 
 
 _CELLS = msgspec.json.Decoder(_Cells)
-Cells = dict[str, Any] | _Cells  # the payload, or just the fields a row shows
 
 
-def _cells(event: RawEventDTO) -> Any:
+def _cells(event: RawEventDTO) -> dict[str, Any] | _Cells:
     """The fields of the payload the row shows, read from its JSON if it is not
-    decoded yet (~3x cheaper than decoding all of it); whatever the JSON holds,
-    which `_check` requires to be an object. ValueError if it is not JSON."""
+    decoded yet (~3x cheaper than decoding all of it). ValueError if the JSON is
+    not JSON, TypeError if it is not an object."""
     payload = event.peek_payload()
     if payload is not None:
-        return payload
+        return payload  # type: ignore[no-any-return]
     try:
         return _CELLS.decode(event.payload_json)
-    except msgspec.ValidationError:  # valid JSON, but not an object
-        return None
+    except msgspec.ValidationError:  # JSON, but not an object
+        raise TypeError("not an object") from None
     except msgspec.DecodeError:  # a number beyond a double, say, or not JSON at all
-        return event.payload  # orjson.JSONDecodeError (a ValueError) if not JSON
+        payload = event.payload  # orjson.JSONDecodeError (a ValueError) if not JSON
+        if not isinstance(payload, dict):
+            raise TypeError("not an object") from None
+        return payload
 
 
 def _text(value: Any) -> str:
@@ -549,30 +568,37 @@ def _apply(ledger: _Ledger, line: bytes, *, first: bool, old: float) -> None:
 def _write_files(work: _Dir, dir_fd: int, ledger: _Ledger, batch_id: str) -> None:
     """Steps 2 to 4 of the module doc for every file of `work`.
 
-    Each file is written, synced and closed before the next is opened: a batch
-    may span hundreds of days (a first backfill of a quiet subreddit), more
-    files than a process may hold open."""
+    Files are written `_OPEN_AT_ONCE` at a time, then synced and closed: a batch may
+    span hundreds of days (a first backfill of a quiet subreddit), more files than
+    a process may hold open, and syncing each file right after its write was
+    slower (the kernel writes back a group of files together)."""
     spans: dict[str, list[int]] = {}
+    files = list(work.chunks.items())
     try:
-        for file, (chunk, count) in work.chunks.items():
-            fd = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
+        for first in range(0, len(files), _OPEN_AT_ONCE):
+            fds: list[int] = []
             try:
-                end = ledger.ends.get(file, 0)
-                size = os.fstat(fd).st_size
-                if size < end:
-                    raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its ledger "
-                                           f"commits {end}; move the directory's CSV files and "
-                                           "ledger aside to start again")  # fmt: skip
-                if size > end:
-                    log.warning("csv export: %s: cutting %d bytes of an unfinished append",
-                                work.path / file, size - end)  # fmt: skip
-                    os.ftruncate(fd, end)
-                data = _HEADER + chunk if end == 0 else chunk
-                spans[file] = [end, end + len(data), count]
-                _write_chunk(fd, data, end)
-                os.fdatasync(fd)
+                for file, (chunk, count) in files[first : first + _OPEN_AT_ONCE]:
+                    fd = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
+                    fds.append(fd)
+                    end = ledger.ends.get(file, 0)
+                    size = os.fstat(fd).st_size
+                    if size < end:
+                        raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its "
+                                               f"ledger commits {end}; move the directory's CSV "
+                                               "files and ledger aside to start again")  # fmt: skip
+                    if size > end:
+                        log.warning("csv export: %s: cutting %d bytes of an unfinished append",
+                                    work.path / file, size - end)  # fmt: skip
+                        os.ftruncate(fd, end)
+                    data = _HEADER + chunk if end == 0 else chunk
+                    spans[file] = [end, end + len(data), count]
+                    _write_chunk(fd, data, end)
+                for fd in fds:
+                    os.fdatasync(fd)
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
         if any(start == 0 for start, _, _ in spans.values()):
             os.fsync(dir_fd)  # a new file's name must be durable before its commit
         record = orjson.dumps({"batch": batch_id, "at": int(time.time()),
