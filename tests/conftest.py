@@ -1,9 +1,11 @@
 """Session fixtures: a real PostgreSQL and a real Redis, migrated once.
 
-With PG_HOST / REDIS_URL set, tests use those servers, but a separate
-`<PG_DB>_test` database and Redis database 15, so a configured production
-database is never touched. Otherwise embedded servers start under
-`.sentiment-test/` on their own ports (they do not clash with `make run`).
+With PG_HOST / REDIS_URL set (in the environment or in `.env`), tests use
+those servers, but a separate `<PG_DB>_test` database and Redis database 15,
+so a configured production database is never touched. Otherwise embedded
+servers start under `.sentiment-test/` on their own ports (they do not clash
+with `make run`). DATA_DIR, CSV_DIR and the embedded ports are always the
+tests' own, whatever is configured.
 
 Each test starts from empty tables. We truncate rather than roll back a
 per-test transaction because the code under test commits on its own pooled
@@ -15,26 +17,48 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _configured() -> Any:
+    """Where Settings would point: PG_HOST, PG_DB and REDIS_URL read as it reads them
+    (the environment first, then `.env`)."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class Where(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        )
+        pg_host: str = ""
+        pg_db: str = "sentiment"
+        redis_url: str = ""
+
+    return Where()
+
+
 def _configure_environment() -> None:
-    """Point every Settings read (here and in subprocesses) at the test servers."""
-    os.environ.setdefault("DATA_DIR", str(ROOT / ".sentiment-test"))
-    os.environ.setdefault("EMBEDDED_PG_PORT", "54339")
-    os.environ.setdefault("EMBEDDED_REDIS_PORT", "63809")
-    if os.environ.get("PG_HOST"):
-        base = os.environ.get("PG_DB", "sentiment")
-        if not base.endswith("_test"):
-            os.environ["PG_DB"] = f"{base}_test"
-    if os.environ.get("REDIS_URL"):
-        url = os.environ["REDIS_URL"].rstrip("/")
+    """Point every Settings read (here and in subprocesses) at the test servers.
+
+    Assigned outright, whatever the environment or `.env` says: a DATA_DIR or
+    CSV_DIR meant for `make run`, or a PG_HOST / REDIS_URL in `.env` only, must
+    never lead the tests (which truncate tables and delete files) to them."""
+    os.environ["DATA_DIR"] = str(ROOT / ".sentiment-test")
+    os.environ["CSV_DIR"] = str(ROOT / ".sentiment-test" / "csv")
+    os.environ["EMBEDDED_PG_PORT"] = "54339"
+    os.environ["EMBEDDED_REDIS_PORT"] = "63809"
+    where = _configured()
+    if where.pg_host:
+        os.environ["PG_HOST"] = where.pg_host
+        base = where.pg_db or "sentiment"
+        os.environ["PG_DB"] = base if base.endswith("_test") else f"{base}_test"
+    if where.redis_url:
+        url = where.redis_url.rstrip("/")
         head, _, last = url.rpartition("/")
         os.environ["REDIS_URL"] = f"{head}/15" if last.isdigit() else f"{url}/15"
-    os.environ.setdefault("CSV_DIR", str(ROOT / ".sentiment-test" / "csv"))
     os.environ["SUBREDDITS"] = os.environ.get("TEST_SUBREDDITS", "")
     # The Reddit edge is the simulator, at a port fixed now so every process
     # (this one, workers, beat) is configured alike.
