@@ -405,10 +405,15 @@ def main() -> None:  # pragma: no cover - console entry point
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-        console.print(f"[red]error:[/red] PostgreSQL ({get_settings().postgres_address}): "
-                      f"{_first_line(exc.orig or exc)}. Check PG_HOST, PG_PORT, PG_USER, "
-                      "PG_PASSWORD and PG_DB (no PG_HOST: the embedded server).",
-                      highlight=False)  # fmt: skip
+        settings = get_settings()
+        check = (
+            "Check PG_HOST, PG_PORT, PG_USER, PG_PASSWORD and PG_DB."
+            if not settings.uses_embedded_postgres
+            else "No PG_HOST is set, so this is the embedded server: start it with "
+            "`sentiment services start` (it listens on EMBEDDED_PG_PORT)."
+        )
+        console.print(f"[red]error:[/red] PostgreSQL ({settings.postgres_address}): "
+                      f"{_first_line(exc.orig or exc)}. {check}", highlight=False)  # fmt: skip
         sys.exit(1)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         console.print(f"[red]error:[/red] Redis ({get_settings().redis_address}): "

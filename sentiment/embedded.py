@@ -272,8 +272,38 @@ class EmbeddedRedis:
         except redis.RedisError:
             return False
 
+    def _server(self) -> tuple[str, int] | None:
+        """The directory and pid of the Redis answering on our port (None if none)."""
+        try:
+            client = self.client()
+            directory = client.config_get("dir").get("dir", "")
+            return str(directory), int(client.info("server")["process_id"])
+        except (redis.RedisError, KeyError, ValueError):
+            return None
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether `pid` is our Redis: asked, or by its process title if it does not
+        answer (busy loading its append-only file, say)."""
+        server = self._server()
+        if server is not None:
+            return Path(server[0]) == self.directory and server[1] == pid
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return b"redis-server" in title and f":{self.port}".encode() in title
+
     def start(self) -> None:
         if self.is_running():
+            # Ours only if it serves our directory: another run's embedded Redis on
+            # the same port would mix the two runs' queues and watermarks.
+            server = self._server()
+            if server is None or Path(server[0]) != self.directory:
+                raise ConfigError(
+                    f"EMBEDDED_REDIS_PORT: 127.0.0.1:{self.port} is taken by another Redis "
+                    f"({server[0] if server else 'not ours'}); set EMBEDDED_REDIS_PORT to a "
+                    "free port, or REDIS_URL to use that Redis"
+                )
             return
         _refuse_taken_port(self.port, "EMBEDDED_REDIS_PORT", "REDIS_URL to use a Redis of yours")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -311,8 +341,16 @@ class EmbeddedRedis:
             return
         try:
             pid = int(self.pidfile.read_text().strip())
+        except ValueError:
+            pid = 0
+        if not self._is_ours(pid):
+            # The pidfile outlived its server (a crash, a reboot): the pid may be
+            # another process's by now.
+            self.pidfile.unlink(missing_ok=True)
+            return
+        try:
             os.kill(pid, signal.SIGTERM)  # Redis flushes its append-only file on SIGTERM
-        except (ValueError, ProcessLookupError):
+        except ProcessLookupError:
             self.pidfile.unlink(missing_ok=True)
             return
         _wait_for(lambda: not _pid_alive(pid), "Redis shutdown")

@@ -249,6 +249,20 @@ def test_an_unreachable_database_is_one_clear_line_not_a_traceback(settings, com
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_an_embedded_database_that_is_not_running_is_named_as_such(settings, tmp_path):
+    port = _free_port()  # no embedded server started there
+    env = {"PG_HOST": "", "EMBEDDED_PG_PORT": str(port), "DATA_DIR": str(tmp_path / "data"),
+           "REDIS_URL": settings.redis_connection_url()}  # fmt: skip
+
+    result = _sentiment("requeue", env=env, timeout=90)
+
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert f"error: PostgreSQL (127.0.0.1:{port}): connection to server" in shown
+    assert "the embedded server: start it with `sentiment services start`" in shown
+    assert "EMBEDDED_PG_PORT" in shown and "Check PG_HOST" not in shown
+
+
 def test_an_unreachable_redis_is_one_clear_line_not_a_traceback(settings):
     port = _free_port()
 

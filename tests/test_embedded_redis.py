@@ -1,0 +1,52 @@
+"""The embedded Redis knows its own server: by the directory it serves, not by its port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sentiment.embedded import EmbeddedRedis
+from sentiment.errors import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def first(tmp_path):  # type: ignore[no-untyped-def]
+    server = EmbeddedRedis(tmp_path / "first", _free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_another_runs_redis_on_the_port_is_refused_not_shared(first, tmp_path):
+    second = EmbeddedRedis(tmp_path / "second", first.port)
+
+    with pytest.raises(ConfigError, match=f"EMBEDDED_REDIS_PORT: 127.0.0.1:{first.port} is taken"):
+        second.start()
+
+    assert first.is_running()
+    first.start()  # its own server: fine, nothing to do
+
+
+def test_a_stale_pidfile_never_kills_the_process_that_has_its_pid_now(first):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        first.stop()
+        assert not first.is_running()
+        first.pidfile.write_text(f"{bystander.pid}\n")  # the server is gone; its pid reused
+
+        first.stop()
+
+        assert bystander.poll() is None  # still alive
+        assert not first.pidfile.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
