@@ -13,6 +13,7 @@ Normalisation happens here, once, so that anything Reddit can send is storable:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -20,7 +21,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from sentiment.config import valid_subreddit
 
@@ -62,6 +69,21 @@ def _clean_value(value: Any) -> Any:  # noqa: PLR0911 - one return per JSON type
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return _clean_str(str(value))
+
+
+def loads_lenient(data: bytes | str) -> Any:
+    """`json.loads`, with NaN, Infinity and numbers beyond a double read as None:
+    what a payload holds for them once the DTO has made it storable."""
+    return json.loads(data, parse_constant=_none, parse_float=_finite)
+
+
+def _none(_: str) -> None:
+    return None
+
+
+def _finite(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def clean_json(payload: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -237,7 +259,13 @@ class RawEventDTO(BaseModel):
             return self.__dict__["payload"]  # type: ignore[no-any-return]
         except KeyError:
             pass
-        payload = orjson.loads(self._payload_json)
+        try:
+            payload = orjson.loads(self._payload_json)
+        except orjson.JSONDecodeError:
+            # A number beyond a double (1e400), which no page check sees without
+            # decoding: None, as `from_reddit` would store it. (Not JSON at all:
+            # json raises too, a ValueError.)
+            payload = loads_lenient(self._payload_json)
         self.__dict__["payload"] = payload
         return payload  # type: ignore[no-any-return]
 
@@ -247,6 +275,10 @@ class RawEventDTO(BaseModel):
         For a reader that wants only a few fields and can take them from the JSON
         more cheaply than decoding all of it (the CSV export)."""
         return self.__dict__.get("payload")
+
+    def __iter__(self) -> Any:  # dict(event), and pydantic dumping it inside another model
+        self._decoded_payload()
+        return super().__iter__()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RawEventDTO):
@@ -261,6 +293,12 @@ class RawEventDTO(BaseModel):
     def __repr_args__(self) -> Any:
         self._decoded_payload()
         return super().__repr_args__()
+
+    @model_serializer(mode="wrap")
+    def _serialized(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Every pydantic dump, also of an event inside another model or a list.
+        self._decoded_payload()
+        return handler(self)
 
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         self._decoded_payload()

@@ -11,10 +11,11 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 
 from sentiment.dto import RawEventDTO, clean_json, dump_events, load_events
+from sentiment.reddit.jsondecode import decode_json
 from sentiment.sinks.postgres import insert_batch
 
 
@@ -248,6 +249,27 @@ def test_an_event_whose_payload_is_decoded_on_use_behaves_like_any_other():
     assert lazy.payload is lazy.payload  # decoded once, then kept
     assert lazy.payload_json is eager.payload_json  # never encoded again
     assert lazy.model_fields_set == eager.model_fields_set
+    assert dict(_lazy_twin(eager)) == dict(eager)  # iterating decodes too
+    listed = TypeAdapter(list[RawEventDTO])  # and pydantic dumping it inside something else
+    assert listed.dump_python([_lazy_twin(eager)]) == listed.dump_python([eager])
+
+
+def test_a_number_beyond_a_double_in_an_undecoded_payload_reads_as_none():
+    """msgspec splits a page without reading the numbers it skips, so 1e400 can
+    reach an event still JSON; decoding it gives None, as from_reddit stores it."""
+    lazy = RawEventDTO.from_trusted_json(
+        id="abc", occurred_at=datetime(2024, 1, 1, tzinfo=UTC), source_id="stocks",
+        event_type="comment", payload_json=b'{"score": 1e400, "body": "x", "n": -1E+999}',
+    )  # fmt: skip
+
+    assert lazy.payload == {"score": None, "body": "x", "n": None}
+    assert pickle.loads(pickle.dumps(lazy)).payload == lazy.payload
+    eager = RawEventDTO.from_reddit(
+        decode_json(b'{"id": "abc", "created_utc": 1704067200, "score": 1e400, "x": NaN}'),
+        "stocks", "comment",
+    )  # fmt: skip
+    assert (eager.payload["score"], eager.payload["x"]) == (None, None)
+    assert load_events(dump_events([eager])) == [eager]  # NaN no longer differs from null
 
 
 def test_an_event_decoded_on_use_still_refuses_unknown_attributes():

@@ -34,6 +34,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from sentiment.dto import loads_lenient
+
 __all__ = ["OrjsonResponse", "decode_json", "no_huge_integers", "raw_body"]
 
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
@@ -44,13 +46,16 @@ _AIOHTTP_LOADS = json.loads  # aiohttp's default `loads`, the one asyncprawcore 
 
 
 def decode_json(body: bytes) -> Any:
-    """What `json.loads(body.decode("utf-8"))` returns (or raises), mostly decoded by orjson."""
+    """What `json.loads(body.decode("utf-8"))` returns (or raises), mostly decoded by
+    orjson; but NaN, Infinity and numbers beyond a double become None, as the
+    DTO stores them (orjson refuses them, and the JSON that reaches the database
+    could not hold them)."""
     if no_huge_integers(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass  # lone surrogates, NaN, invalid JSON: json's answer, below
-    return json.loads(body.decode("utf-8"))
+    return loads_lenient(body.decode("utf-8"))
 
 
 def no_huge_integers(body: bytes) -> bool:

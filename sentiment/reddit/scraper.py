@@ -395,7 +395,10 @@ def _read_listing(body: Any, subreddit: str) -> _Page | None:
 
 
 def _fast_listing(body: bytes) -> _Page | None:
-    if _NUL_ESCAPE in body or not no_huge_integers(body):
+    # A line break can only be whitespace between tokens (a JSON string holds none
+    # raw): such a page goes the general path, which stores compact JSON, so that
+    # an item's JSON never holds one (a batch blob is one event a line).
+    if _NUL_ESCAPE in body or b"\n" in body or b"\r" in body or not no_huge_integers(body):
         return None
     try:
         body.decode("utf-8")  # msgspec checks the UTF-8 only of what it decodes

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+from sentiment.dto import dump_events, load_events
 from sentiment.errors import RedditUnavailable
 from sentiment.reddit.ids import to_base36
 from sentiment.reddit.scraper import ScrapeResult, scrape_subreddit
@@ -243,3 +244,22 @@ def test_a_body_that_is_not_a_listing_is_retried_then_reported():
     reddit.garbage = 10
     with pytest.raises(RedditUnavailable, match="somesub"):
         _scrape(reddit, None, attempts=2)
+
+
+class IndentedReddit(ListingReddit):
+    """Its JSON has line breaks between tokens, as JSON may."""
+
+    async def request(self, *, method: str, path: str, params: dict[str, Any]) -> Any:
+        body = self._listing(path, params)
+        return orjson.dumps(body, option=orjson.OPT_INDENT_2) if self.as_bytes else body
+
+
+def test_a_page_spread_over_lines_still_makes_a_batch_that_loads_back():
+    """A batch blob is one event a line: no item's JSON may hold a line break."""
+    reddit = IndentedReddit([BASE + 1, BASE + 2, BASE + 3])
+
+    result = _scrape(reddit, None)
+
+    assert _numbers(result) == {BASE + 1, BASE + 2, BASE + 3}
+    assert all(b"\n" not in e.payload_json for e in result.events)
+    assert load_events(dump_events(result.events)) == result.events
