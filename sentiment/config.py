@@ -38,7 +38,7 @@ SIMULATOR_CLIENT_ID = "simulator"
 # characters (a few legacy names are 2 long, e.g. r/de). Nothing else can reach
 # a file path or a URL.
 _SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
-_INTERVAL_RE = re.compile(r"^\d+\s*(second|minute|hour|day|week)s?$")
+_INTERVAL_RE = re.compile(r"^[1-9]\d*\s*(second|minute|hour|day|week)s?$")
 
 
 def valid_subreddit(name: str) -> str:
@@ -59,6 +59,9 @@ class SubredditSchedule(BaseModel, frozen=True):
     interval_seconds: int
 
 
+MAX_INTERVAL_S = 7 * 24 * 3600  # beyond this Celery's schedule overflows; scrape at least weekly
+
+
 def parse_subreddits(raw: str | list[Any], default_interval: int) -> list[SubredditSchedule]:
     """Parse `wallstreetbets:60,stocks,TinySub:300` into schedules (canonical names)."""
     items = raw if isinstance(raw, list) else [p for p in raw.split(",") if p.strip()]
@@ -70,10 +73,10 @@ def parse_subreddits(raw: str | list[Any], default_interval: int) -> list[Subred
         name, _, interval = str(item).strip().partition(":")
         seconds = default_interval
         if interval:
-            if not interval.strip().isdigit() or int(interval) < 10:
+            if not interval.strip().isdigit() or not 10 <= int(interval) <= MAX_INTERVAL_S:
                 raise ValueError(
-                    f"interval {interval!r} for {name!r} must be a whole number of seconds >= 10, "
-                    "e.g. wallstreetbets:60"
+                    f"interval {interval!r} for {name!r} must be a whole number of seconds from "
+                    f"10 to {MAX_INTERVAL_S} (a week), e.g. wallstreetbets:60"
                 )
             seconds = int(interval)
         canonical = valid_subreddit(name)
@@ -127,7 +130,7 @@ class Settings(BaseSettings):
 
     # What to scrape, and how often. The default interval comes first: fields are
     # validated in order, and SUBREDDITS' entries without one take it.
-    scrape_interval_seconds: int = Field(60, ge=10)
+    scrape_interval_seconds: int = Field(60, ge=10, le=MAX_INTERVAL_S)
     subreddits: Annotated[list[SubredditSchedule], NoDecode] = Field(default_factory=list)
 
     # Sinks.
@@ -162,7 +165,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_interval(cls, value: str) -> str:
         if not _INTERVAL_RE.fullmatch(value.strip().lower()):
-            raise ValueError("must be a PostgreSQL interval such as '1 day' or '12 hours'")
+            raise ValueError("must be a positive PostgreSQL interval such as '1 day' or '12 hours'")
         return value.strip().lower()
 
     @field_validator("redis_url")

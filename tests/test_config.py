@@ -43,8 +43,16 @@ def test_subreddits_without_an_interval_take_scrape_interval_seconds(monkeypatch
         (
             "TIMESCALE_CHUNK_INTERVAL",
             "daily",
-            "TIMESCALE_CHUNK_INTERVAL: must be a PostgreSQL interval",
+            "TIMESCALE_CHUNK_INTERVAL: must be a positive PostgreSQL interval",
         ),
+        (
+            "TIMESCALE_CHUNK_INTERVAL",
+            "0 days",
+            "TIMESCALE_CHUNK_INTERVAL: must be a positive PostgreSQL interval",
+        ),
+        # Beyond ~8,000 years Celery's schedule overflows and beat dies; a week is plenty.
+        ("SUBREDDITS", "stocks:300000000000", "SUBREDDITS: interval '300000000000' for 'stocks'"),
+        ("SCRAPE_INTERVAL_SECONDS", "300000000000", "SCRAPE_INTERVAL_SECONDS: Input should be"),
         ("STORAGE_LAYOUT", "mongo", "STORAGE_LAYOUT: Input should be 'auto', 'timescaledb' or"),
         ("RETENTION_DAYS", "0", "RETENTION_DAYS: Input should be greater than or equal to 1"),
         ("RETENTION_DAYS", "a month", "RETENTION_DAYS: Input should be a valid integer"),
