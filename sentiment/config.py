@@ -26,8 +26,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sentiment.errors import ConfigError
 
 __all__ = [
-    "SIMULATOR_CLIENT_ID", "Settings", "SubredditSchedule", "get_settings", "load_settings",
-    "parse_subreddits", "valid_subreddit",
+    "MAX_INTERVAL_S", "SIMULATOR_CLIENT_ID", "Settings", "SubredditSchedule", "get_settings",
+    "load_settings", "parse_subreddits", "valid_subreddit",
 ]  # fmt: skip
 
 # The client id `sentiment run` gives its workers when no Reddit credentials are

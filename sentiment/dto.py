@@ -33,7 +33,7 @@ from sentiment.config import valid_subreddit
 
 __all__ = [
     "EventType", "RawEventDTO", "canonical_id", "clean_json", "dump_events", "load_events",
-    "to_utc",
+    "loads_lenient", "to_utc",
 ]  # fmt: skip
 
 EventType = Literal["submission", "comment"]

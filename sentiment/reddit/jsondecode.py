@@ -45,17 +45,17 @@ _MINUS_NINETEEN_DIGITS = b"-" + _NINETEEN_DIGITS
 _AIOHTTP_LOADS = json.loads  # aiohttp's default `loads`, the one asyncprawcore leaves in place
 
 
-def decode_json(body: bytes) -> Any:
+def decode_json(body: bytes, *, lenient: bool = False) -> Any:
     """What `json.loads(body.decode("utf-8"))` returns (or raises), mostly decoded by
-    orjson; but NaN, Infinity and numbers beyond a double become None, as the
-    DTO stores them (orjson refuses them, and the JSON that reaches the database
-    could not hold them)."""
+    orjson. `lenient`: NaN, Infinity and numbers beyond a double become None, as
+    an event stores them (for listing pages, whose items become events)."""
     if no_huge_integers(body):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass  # lone surrogates, NaN, invalid JSON: json's answer, below
-    return loads_lenient(body.decode("utf-8"))
+    text = body.decode("utf-8")
+    return loads_lenient(text) if lenient else json.loads(text)
 
 
 def no_huge_integers(body: bytes) -> bool:

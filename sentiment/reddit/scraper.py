@@ -383,7 +383,7 @@ def _read_listing(body: Any, subreddit: str) -> _Page | None:
         if page is not None:
             return page
         try:
-            body = decode_json(body) if body else None
+            body = decode_json(body, lenient=True) if body else None
         except ValueError:  # what asyncprawcore reports as BadJSON
             raise RedditUnavailable(
                 f"Reddit is unavailable (BadJSON) while scraping r/{subreddit}"
