@@ -296,17 +296,10 @@ class RawEventDTO(BaseModel):
 
     @model_serializer(mode="wrap")
     def _serialized(self, handler: SerializerFunctionWrapHandler) -> Any:
-        # Every pydantic dump, also of an event inside another model or a list.
+        # Every pydantic dump (model_dump, model_dump_json), also of an event
+        # inside another model or a list.
         self._decoded_payload()
         return handler(self)
-
-    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
-        self._decoded_payload()
-        return super().model_dump(**kwargs)
-
-    def model_dump_json(self, **kwargs: Any) -> str:
-        self._decoded_payload()
-        return super().model_dump_json(**kwargs)
 
     def __getstate__(self) -> dict[Any, Any]:
         self._decoded_payload()

@@ -76,17 +76,20 @@ _RETRY = {
 }
 
 
-def _let_go(subreddit: str, token: str, *, error: str) -> None:
-    """After a failed scrape: release its lock and record why, if Redis lets us.
+def _let_go(subreddit: str, token: str | None, *, error: str, blob: str | None = None) -> None:
+    """After a failed scrape or insert: release the scrape lock, drop the batch's
+    blob if given, and record why, if Redis lets us.
 
     With Redis down this fails too; then the failure that brought us here, not
-    this one, decides whether the scrape is retried (the lock expires anyway)."""
+    this one, decides whether the task is retried (the lock and the blob expire
+    anyway)."""
     try:
         pipeline.release_scrape_lock(subreddit, token)
+        pipeline.drop_batch(blob)
         pipeline.record_run(subreddit, error=error)
     except redis.exceptions.RedisError as exc:
-        log.warning("r/%s: could not release the scrape lock or record the error: %s",
-                    subreddit, exc)  # fmt: skip
+        log.warning("r/%s: could not release the scrape lock, drop the batch or record "
+                    "the error: %s", subreddit, exc)  # fmt: skip
 
 
 @app.task(bind=True, name="sentiment.tasks.scrape", max_retries=_settings.task_max_retries)
@@ -156,12 +159,10 @@ class _InsertTask(Task):  # type: ignore[misc]  # celery is untyped
         batch = args[0] if args else None
         if not isinstance(batch, dict) or not isinstance(batch.get("subreddit"), str):
             return  # a malformed message: no lock or blob of ours to let go of
-        try:
-            pipeline.release_scrape_lock(batch["subreddit"], batch.get("lock"))
-            pipeline.drop_batch(batch.get("batch"))
-        except redis.exceptions.RedisError as gone:  # the lock and the blob expire anyway
-            log.warning("r/%s: could not let go of batch %s after its insert failed: %s",
-                        batch["subreddit"], batch.get("batch_id"), gone)  # fmt: skip
+        lock, blob = batch.get("lock"), batch.get("batch")
+        _let_go(batch["subreddit"], lock if isinstance(lock, str) else None,
+                error=f"insert failed for good: {type(exc).__name__}: {exc}",
+                blob=blob if isinstance(blob, str) else None)  # fmt: skip
 
 
 @app.task(bind=True, base=_InsertTask, name="sentiment.tasks.insert_batch", **_RETRY)

@@ -127,6 +127,7 @@ def test_a_batch_whose_insert_failed_for_good_is_exported_once_its_blob_is_gone(
 
     assert redis_client.exists(key) == 0  # the blob is let go of,
     assert pipeline.acquire_scrape_lock("stocks", ttl_s=60) is not None  # and the lock
+    assert "gave up" in redis_client.hget(pipeline.runs_key("stocks"), "error").decode()
     result = export_missing(csv_dir=csv_dir)
     assert (result.missing, result.rows_written, result.in_flight) == (1, 5, 0)
     assert sorted(_csv_ids(csv_dir)) == sorted(e.id for e in events[:5])

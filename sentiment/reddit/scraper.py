@@ -240,7 +240,7 @@ class _PageReader:
                 try:
                     item: Any = _HEAD_DECODER.decode(raw)
                 except msgspec.DecodeError:  # fields that need the general path
-                    item, raw = decode_json(bytes(raw)), None
+                    item, raw = decode_json(bytes(raw), lenient=True), None
             else:
                 item = child.get("data") if isinstance(child, dict) else None
             item_id = item.get("id") if isinstance(item, dict | _Head) else None
@@ -341,9 +341,10 @@ async def _fetch_page(
 # The bytes go to the database as Reddit sent them, so the fast path takes
 # only pages it can vouch for: valid UTF-8, no escaped NUL (PostgreSQL refuses
 # it), no lone surrogate (msgspec refuses those), no integer beyond 64 bits
-# (`payload` decodes like `json` would). Any other page, and any item whose
-# three fields are not what they should be, goes the general way: decoded
-# JSON, checked and cleaned by `RawEventDTO.from_reddit`.
+# (`payload` decodes like `json` would), no line break between tokens (see
+# `_fast_listing`). Any other page, and any item whose three fields are not
+# what they should be, goes the general way: decoded JSON, checked and cleaned
+# by `RawEventDTO.from_reddit`.
 
 
 class _Child(msgspec.Struct):

@@ -566,39 +566,12 @@ def _apply(ledger: _Ledger, line: bytes, *, first: bool, old: float) -> None:
 
 
 def _write_files(work: _Dir, dir_fd: int, ledger: _Ledger, batch_id: str) -> None:
-    """Steps 2 to 4 of the module doc for every file of `work`.
-
-    Files are written `_OPEN_AT_ONCE` at a time, then synced and closed: a batch may
-    span hundreds of days (a first backfill of a quiet subreddit), more files than
-    a process may hold open, and syncing each file right after its write was
-    slower (the kernel writes back a group of files together)."""
+    """Steps 2 to 4 of the module doc for every file of `work`."""
     spans: dict[str, list[int]] = {}
     files = list(work.chunks.items())
     try:
         for first in range(0, len(files), _OPEN_AT_ONCE):
-            fds: list[int] = []
-            try:
-                for file, (chunk, count) in files[first : first + _OPEN_AT_ONCE]:
-                    fd = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
-                    fds.append(fd)
-                    end = ledger.ends.get(file, 0)
-                    size = os.fstat(fd).st_size
-                    if size < end:
-                        raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its "
-                                               f"ledger commits {end}; move the directory's CSV "
-                                               "files and ledger aside to start again")  # fmt: skip
-                    if size > end:
-                        log.warning("csv export: %s: cutting %d bytes of an unfinished append",
-                                    work.path / file, size - end)  # fmt: skip
-                        os.ftruncate(fd, end)
-                    data = _HEADER + chunk if end == 0 else chunk
-                    spans[file] = [end, end + len(data), count]
-                    _write_chunk(fd, data, end)
-                for fd in fds:
-                    os.fdatasync(fd)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            _write_group(work, dir_fd, ledger, files[first : first + _OPEN_AT_ONCE], spans)
         if any(start == 0 for start, _, _ in spans.values()):
             os.fsync(dir_fd)  # a new file's name must be durable before its commit
         record = orjson.dumps({"batch": batch_id, "at": int(time.time()),
@@ -617,6 +590,44 @@ def _write_files(work: _Dir, dir_fd: int, ledger: _Ledger, batch_id: str) -> Non
     ledger.records.append(record)
     ledger.length += len(record) + 1
     ledger.ends.update((file, end) for file, (_, end, _) in spans.items())
+
+
+def _write_group(
+    work: _Dir,
+    dir_fd: int,
+    ledger: _Ledger,
+    files: list[tuple[str, tuple[bytes, int]]],
+    spans: dict[str, list[int]],
+) -> None:
+    """Write up to `_OPEN_AT_ONCE` files, then sync and close them; record each in `spans`
+    before its write, so that a failure cuts what was written.
+
+    A batch may span hundreds of days (a first backfill of a quiet subreddit),
+    more files than a process may hold open; syncing each file right after its
+    write was slower (the kernel writes back a group of files together)."""
+    fds: list[int] = []
+    try:
+        for file, (chunk, count) in files:
+            fd = os.open(file, _OPEN, 0o644, dir_fd=dir_fd)
+            fds.append(fd)
+            end = ledger.ends.get(file, 0)
+            size = os.fstat(fd).st_size
+            if size < end:
+                raise CsvLedgerCorrupt(f"{work.path / file} is {size} bytes but its ledger "
+                                       f"commits {end}; move the directory's CSV files and "
+                                       "ledger aside to start again")  # fmt: skip
+            if size > end:
+                log.warning("csv export: %s: cutting %d bytes of an unfinished append",
+                            work.path / file, size - end)  # fmt: skip
+                os.ftruncate(fd, end)
+            data = _HEADER + chunk if end == 0 else chunk
+            spans[file] = [end, end + len(data), count]
+            _write_chunk(fd, data, end)
+        for fd in fds:
+            os.fdatasync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _truncate(file: str, dir_fd: int, length: int) -> None:
