@@ -282,16 +282,20 @@ class EmbeddedRedis:
             return None
 
     def _is_ours(self, pid: int) -> bool:
-        """Whether `pid` is our Redis: asked, or by its process title if it does not
-        answer (busy loading its append-only file, say)."""
-        server = self._server()
-        if server is not None:
-            return Path(server[0]) == self.directory and server[1] == pid
+        """Whether `pid` is our Redis: a redis-server running in our directory.
+
+        Not by port: a stop run with another EMBEDDED_REDIS_PORT than the start
+        must still stop it (else the pidfile would be dropped and the server left
+        with nothing to stop it by), and it works while the server is too busy to
+        answer (loading its append-only file, say). A pid reused by another
+        process is neither a redis-server nor in our directory.
+        """
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+            cwd = Path(f"/proc/{pid}/cwd").resolve(strict=True)
+        except OSError:  # gone, or another user's
             return False
-        return b"redis-server" in title and f":{self.port}".encode() in title
+        return b"redis-server" in title and cwd == self.directory
 
     def start(self) -> None:
         if self.is_running():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,25 @@ def test_a_stale_pidfile_never_kills_the_process_that_has_its_pid_now(first):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_stop_under_another_port_setting_still_stops_our_server(first, tmp_path):
+    # `sentiment services stop` run with the folder but not the port it was started
+    # with: the pidfile is ours, so is the server; forgetting the pidfile instead
+    # would leave it running with nothing left to stop it by.
+    pid = int(first.pidfile.read_text())
+    elsewhere = EmbeddedRedis(first.data_dir, _free_port())
+
+    elsewhere.stop()
+
+    assert not first.is_running()
+    assert not first.pidfile.exists()
+    assert _gone(pid)
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
