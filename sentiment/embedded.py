@@ -309,6 +309,7 @@ class EmbeddedRedis:
                     "free port, or REDIS_URL to use that Redis"
                 )
             return
+        self._refuse_running_elsewhere()
         _refuse_taken_port(self.port, "EMBEDDED_REDIS_PORT", "REDIS_URL to use a Redis of yours")
         self.directory.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -340,13 +341,34 @@ class EmbeddedRedis:
         )
         _wait_for(self.is_running, f"Redis on 127.0.0.1:{self.port}")
 
+    def _pid(self) -> int:
+        """The pid in our pidfile (0 if none or unreadable)."""
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def _refuse_running_elsewhere(self) -> None:
+        """Our folder's server started earlier under another EMBEDDED_REDIS_PORT:
+        a second server on the same append-only file would corrupt it."""
+        pid = self._pid()
+        if not (pid and self._is_ours(pid)):
+            return
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            return  # it has just exited
+        address = title.decode(errors="replace").strip().rpartition(" ")[2] or "another port"
+        raise ConfigError(
+            f"EMBEDDED_REDIS_PORT: the embedded Redis of {self.data_dir} already runs "
+            f"(pid {pid}, {address}), not on port {self.port}; stop it first with "
+            "`sentiment services stop`, or set EMBEDDED_REDIS_PORT back"
+        )
+
     def stop(self) -> None:
         if not self.pidfile.exists():
             return
-        try:
-            pid = int(self.pidfile.read_text().strip())
-        except ValueError:
-            pid = 0
+        pid = self._pid()
         if not self._is_ours(pid):
             # The pidfile outlived its server (a crash, a reboot): the pid may be
             # another process's by now.

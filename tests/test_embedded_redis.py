@@ -73,3 +73,14 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_a_start_under_another_port_setting_does_not_start_a_second_server_on_our_folder(first):
+    # Two servers appending to one append-only file would corrupt it.
+    elsewhere = EmbeddedRedis(first.data_dir, _free_port())
+
+    with pytest.raises(ConfigError, match=f"already runs \\(pid \\d+, 127.0.0.1:{first.port}\\)"):
+        elsewhere.start()
+
+    assert not elsewhere.is_running()
+    assert first.is_running()
