@@ -160,7 +160,9 @@ class EmbeddedPostgres:
 
     def start(self) -> None:
         """Initialise on first use, start if stopped, and make sure role and database exist."""
-        if not self.is_running():
+        if self.is_running():
+            self._refuse_running_elsewhere()
+        else:
             _refuse_taken_port(self.port, "EMBEDDED_PG_PORT", "PG_HOST to use a server of yours")
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self._prepare_permissions()
@@ -216,6 +218,21 @@ class EmbeddedPostgres:
                 )
         _wait_for(self.accepts_connections, f"PostgreSQL on 127.0.0.1:{self.port}")
         self._ensure_role_and_database()
+
+    def _refuse_running_elsewhere(self) -> None:
+        """Our folder's server started earlier under another EMBEDDED_PG_PORT: say
+        so now rather than wait for it on ours. (Its port is the fourth line of
+        postmaster.pid.)"""
+        try:
+            port = int((self.pgdata / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, IndexError, ValueError):
+            return  # exiting, or not ours to read: the wait for connections decides
+        if port != self.port:
+            raise ConfigError(
+                f"EMBEDDED_PG_PORT: the embedded PostgreSQL of {self.data_dir} already runs "
+                f"on port {port}, not {self.port}; stop it first with `sentiment services "
+                "stop`, or set EMBEDDED_PG_PORT back"
+            )
 
     def _has_timescaledb(self) -> bool:
         libdir = self._run("pg_config", "--pkglibdir").stdout.strip()

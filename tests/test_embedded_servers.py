@@ -1,4 +1,4 @@
-"""The embedded Redis knows its own server: by the directory it serves, not by its port."""
+"""The embedded servers know their own: by the folder they serve, not by their port."""
 
 from __future__ import annotations
 
@@ -84,3 +84,15 @@ def test_a_start_under_another_port_setting_does_not_start_a_second_server_on_ou
 
     assert not elsewhere.is_running()
     assert first.is_running()
+
+
+def test_the_embedded_postgres_running_on_another_port_is_named_not_waited_for(settings):
+    from sentiment.embedded import embedded_postgres
+
+    if not settings.uses_embedded_postgres:
+        pytest.skip("PG_HOST is configured: no embedded PostgreSQL to check")
+    elsewhere = embedded_postgres(settings)
+    elsewhere.port = _free_port()
+
+    with pytest.raises(ConfigError, match=f"runs on port {settings.embedded_pg_port}"):
+        elsewhere.start()
