@@ -29,6 +29,7 @@ import redis.exceptions
 import sqlalchemy.exc
 from celery import Task, chain
 from celery.utils.log import get_task_logger
+from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import text
 
 from sentiment import audit, pipeline, processing, retention
@@ -125,7 +126,10 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     except Exception as exc:
         _let_go(name, token, error=f"{type(exc).__name__}: {exc}")
         if getattr(exc, "retryable", False) or isinstance(exc, _TRANSIENT):
-            countdown = min(_settings.retry_backoff_max, 2 ** (self.request.retries + 1))
+            # As the other tasks' autoretry: exponential, full jitter, capped.
+            countdown = get_exponential_backoff_interval(
+                2, self.request.retries, _settings.retry_backoff_max, full_jitter=True
+            )
             # Not beat's `expires`: that would drop the retry of a scrape whose
             # attempts took most of its interval. A retry is one message, not a
             # backlog, and the scrape lock keeps it from overlapping a newer scrape.
