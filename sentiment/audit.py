@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 
 from sentiment.config import get_settings
 from sentiment.db import get_engine
@@ -75,12 +75,12 @@ class AuditResult:
         return asdict(self)
 
 
-def export_missing(*, csv_dir: Path | None = None, engine: Engine | None = None) -> AuditResult:
+def export_missing(*, csv_dir: Path | None = None) -> AuditResult:
     """Export every batch of the last three days (but the last hour) that is stored
     in PostgreSQL, missing from its subreddit's CSV ledger, and no longer held by a
     chain (its blob is gone from Redis)."""
     csv_dir = csv_dir or get_settings().csv_dir
-    with (engine or get_engine()).connect() as conn:
+    with get_engine().connect() as conn:
         rows = conn.execute(_BATCHES, {"min_age": _MIN_AGE_S, "max_age": _MAX_AGE_S}).all()
     by_subreddit: dict[str, list[str]] = defaultdict(list)
     for batch_id, subreddit in rows:
@@ -104,7 +104,7 @@ def export_missing(*, csv_dir: Path | None = None, engine: Engine | None = None)
                 continue
             missing += 1
             try:
-                result = export_events(stored_new_events(batch_id, engine=engine) or [],
+                result = export_events(stored_new_events(batch_id) or [],
                                        csv_dir=csv_dir, batch_id=batch_id)  # fmt: skip
             except SentimentError as exc:  # one directory's trouble must not stop the others
                 log.warning("r/%s: batch %s is stored but not in CSV, and its export fails: %s",

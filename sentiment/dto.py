@@ -47,7 +47,8 @@ _MICROSECOND = timedelta(microseconds=1)
 _FIELDS_GIVEN = ("id", "occurred_at", "source_id", "event_type", "payload")  # "source": default
 
 
-def _clean_str(value: str) -> str:
+def clean_text(value: str) -> str:
+    """`value` storable in PostgreSQL text: NULs dropped, lone surrogates replaced."""
     if "\x00" in value:
         value = value.replace("\x00", "")
     if _LONE_SURROGATE.search(value):
@@ -57,9 +58,9 @@ def _clean_str(value: str) -> str:
 
 def _clean_value(value: Any) -> Any:  # noqa: PLR0911 - one return per JSON type reads best
     if isinstance(value, str):
-        return _clean_str(value)
+        return clean_text(value)
     if isinstance(value, dict):
-        return {_clean_str(str(k)): _clean_value(v) for k, v in value.items()}
+        return {clean_text(str(k)): _clean_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean_value(v) for v in value]
     if isinstance(value, bool) or value is None:
@@ -68,7 +69,7 @@ def _clean_value(value: Any) -> Any:  # noqa: PLR0911 - one return per JSON type
         return value if -_INT64 <= value < _INT64 else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    return _clean_str(str(value))
+    return clean_text(str(value))
 
 
 def loads_lenient(data: bytes | str) -> Any:

@@ -47,7 +47,7 @@ from sqlalchemy import Connection, Engine, text
 
 from sentiment.config import get_settings, valid_subreddit
 from sentiment.db import get_engine
-from sentiment.dto import canonical_id, to_utc
+from sentiment.dto import canonical_id, clean_text, to_utc
 
 __all__ = [
     "Claim", "ClaimedEvent", "MarkResult", "claim_unprocessed", "mark_processed",
@@ -189,10 +189,10 @@ def set_aside(
     For rows a sentiment worker cannot score: they leave the queue instead of
     heading every claim, and `requeue_set_aside` puts them back. Keys and
     counts are as for `mark_processed`; a row already processed (scored or set
-    aside) is left as it is. `reason` must say something (NULs are dropped,
-    and it is cut at 2,000 characters).
+    aside) is left as it is. `reason` must say something (NULs are dropped, lone
+    surrogates replaced, and it is cut at 2,000 characters).
     """
-    reason = str(reason).replace("\x00", "").strip()[:_REASON_MAX]
+    reason = clean_text(str(reason)).strip()[:_REASON_MAX]
     if not reason:
         raise ValueError("set_aside needs a reason: say why the rows cannot be scored")
     return _mark(keys, reason, connection=connection, engine=engine)
@@ -236,7 +236,13 @@ def _mark(
 
 
 def _split_keys(keys: Iterable[Any]) -> tuple[list[str], list[datetime | None], list[str]]:
-    """The ids and times of the valid keys, and what is wrong with each other key."""
+    """The ids and times of the valid keys, and what is wrong with each other key.
+
+    TypeError for one key given where a list of keys belongs: iterated, a string
+    would be one-letter ids, and an (id, time) pair a bare id (every row with it).
+    """
+    if isinstance(keys, str | bytes) or _one_pair(keys):
+        raise TypeError(f"keys must be a list of keys, not one key: pass [{keys!r}]")
     ids: list[str] = []
     times: list[datetime | None] = []
     problems: list[str] = []
@@ -249,6 +255,23 @@ def _split_keys(keys: Iterable[Any]) -> tuple[list[str], list[datetime | None], 
         ids.append(key_id)
         times.append(when)
     return ids, times, problems
+
+
+def _one_pair(keys: Iterable[Any]) -> bool:
+    """Whether `keys` is an (id, time) pair rather than two keys: two items, an id
+    first, then something that is not a key (a time, a number)."""
+    if not (isinstance(keys, list | tuple) and len(keys) == 2 and isinstance(keys[0], str)):
+        return False
+    second = keys[1]
+    if isinstance(second, list | tuple):
+        return False
+    if isinstance(second, str):
+        try:
+            canonical_id(second)
+        except ValueError:
+            return True  # "2026-01-01T00:00:00Z", not an id
+        return False
+    return True
 
 
 def _parse_key(key: Any) -> tuple[str, datetime | None]:

@@ -275,6 +275,31 @@ def test_set_aside_counts_like_mark_processed_and_needs_a_reason(db):
         set_aside([events[2].key], "  ")
 
 
+def test_a_reason_with_a_lone_surrogate_is_stored_cleaned(db):
+    # str(exc) of a model's error can carry one (text decoded with surrogateescape,
+    # say); psycopg2 cannot encode it, and the claim's marks would roll back with it.
+    events = _events(2)
+    insert_batch(events)
+
+    with claim_unprocessed(5) as claim:
+        mark_processed([events[1].key], connection=claim.connection)
+        set_aside([events[0].key], "cannot read \udc80 here", connection=claim.connection)
+
+    with db.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, process_error FROM raw_events")).all())
+    assert rows == {events[0].id: "cannot read \ufffd here", events[1].id: None}
+
+
+@pytest.mark.parametrize("keys", ["abc12", ("abc12", "2026-01-01T00:00:00Z")], ids=["str", "pair"])
+def test_one_key_instead_of_a_list_of_keys_is_refused(db, keys):
+    # Iterated, "abc12" would be five one-letter ids, and one (id, time) pair a bare
+    # id that marks every row with that id.
+    with pytest.raises(TypeError, match="a list of keys"):
+        mark_processed(keys)
+    with pytest.raises(TypeError, match="a list of keys"):
+        set_aside(keys, "reason")
+
+
 def test_rows_set_aside_go_back_to_the_queue_when_asked(db):
     events = _events(4)
     insert_batch(events)
