@@ -58,11 +58,11 @@ def make_engine(settings: Settings) -> Engine:
         pool_recycle=1800,
         connect_args=connect_args("sentiment"),
     )
-    _dispose_after_fork(engine)
+    dispose_after_fork(engine)
     return engine
 
 
-def _dispose_after_fork(engine: Engine) -> None:
+def dispose_after_fork(engine: Engine) -> None:
     """Celery's prefork pool forks workers: a child must open its own connections.
 
     `dispose(close=False)` drops the inherited pool without closing the parent's

@@ -34,6 +34,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
 from sentiment.db import MAINTENANCE_LOCK_WAIT_S, get_engine, lock_raw_events
+from sentiment.dto import to_utc
 from sentiment.errors import ServiceUnavailable
 
 __all__ = ["RetentionResult", "apply_retention"]
@@ -77,7 +78,7 @@ def apply_retention(
     """
     if days < 1:
         raise ValueError("retention must keep at least one day")
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    cutoff = (datetime.now(UTC) if now is None else to_utc(now)) - timedelta(days=days)
     with (engine or get_engine()).connect() as conn, conn.begin() as transaction:
         _lock_raw_events(conn)
         oldest = conn.execute(text("SELECT min(occurred_at) FROM raw_events WHERE NOT processed"))

@@ -106,6 +106,16 @@ def test_an_unprocessed_row_holds_the_cutoff_back_until_it_is_processed(partitio
     assert set(released.dropped) == {_day_partition(_days_ago(35)), _day_partition(_days_ago(33))}
 
 
+def test_a_naive_now_is_utc_as_everywhere_else(partitioned):
+    _insert(partitioned, {"old40": (_days_ago(40), True), "waiting35": (_days_ago(35), False)})
+    _keep_partitions(partitioned)
+
+    result = apply_retention(30, engine=partitioned, now=NOW.replace(tzinfo=None))
+
+    assert result.cutoff == result.held_back_by == _days_ago(35)
+    assert _stored(partitioned) == {"waiting35"}
+
+
 def test_a_day_that_is_not_over_by_the_cutoff_stays(partitioned):
     # The cutoff falls inside this row's day: its partition still holds newer time.
     cutoff_day_start = _days_ago(30).replace(hour=0, minute=0, second=0)

@@ -72,7 +72,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Engine, create_engine
 
 from sentiment.config import get_settings
-from sentiment.db import connect_args
+from sentiment.db import connect_args, dispose_after_fork
 from sentiment.dto import RawEventDTO
 from sentiment.errors import ServiceUnavailable
 
@@ -156,7 +156,7 @@ class _OrjsonJsonbDumper(Dumper):
 def get_sink_engine() -> Engine:
     """A pool of psycopg 3 connections, used only here, for its C-speed binary COPY."""
     settings = get_settings()
-    return create_engine(
+    engine = create_engine(
         settings.database_url(driver="psycopg"),
         pool_size=2,
         max_overflow=2,
@@ -164,6 +164,8 @@ def get_sink_engine() -> Engine:
         pool_recycle=1800,
         connect_args=connect_args("sentiment-sink"),
     )
+    dispose_after_fork(engine)
+    return engine
 
 
 def insert_batch(

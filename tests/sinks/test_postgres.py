@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import random
 import threading
 import time
@@ -514,3 +515,24 @@ def test_a_deadlock_in_the_direct_copy_falls_back_to_the_stage_path(settings, db
     assert {e.key for e in stored.new} == {e.key for e in events[1:-1]}
     assert stored.duplicates == 2
     assert sorted(_stored_keys(db)) == sorted(e.key for e in events)
+
+
+@pytest.mark.parametrize("which", ["sink", "default"])
+def test_a_forked_child_opens_its_own_connections(db, which):
+    # Celery's prefork pool forks: a child sharing its parent's socket would garble
+    # both sides' conversations with the server.
+    from sentiment.db import get_engine
+    from sentiment.sinks.postgres import get_sink_engine
+
+    engine = get_sink_engine() if which == "sink" else get_engine()
+    with engine.connect():
+        pass
+    assert engine.pool.checkedin() >= 1
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if engine.pool.checkedin() == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert engine.pool.checkedin() >= 1  # the parent's pool is untouched
