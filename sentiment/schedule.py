@@ -64,6 +64,23 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return schedule
 
 
+# Take the lock if it is free or already ours (a restarted container's beat has
+# the same host and pid); answer its holder. One script: a check and a set
+# apart could overwrite a newer beat's lock.
+_TAKE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return ARGV[1]
+end
+return holder
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery is untyped
     """A beat scheduler that refuses to run while another beat holds the lock.
 
@@ -71,11 +88,14 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
     second into a no-op, but the queues would still fill with noise, so a
     second beat stops at start-up and says why. The lock expires a minute
     after its beat dies, so a crashed beat never blocks its successor for long.
+    A Redis outage does not stop beat (it could not send anything meanwhile
+    either): it logs and takes its lock back once Redis answers.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._redis = redis.Redis.from_url(get_settings().redis_connection_url())
         self._token = f"{socket.gethostname()}:{os.getpid()}"
+        self._redis_failing = False
         # The schedule file lives in DATA_DIR, which a fresh volume or checkout
         # may not have yet: celery would fail to open it, after taking our lock.
         filename = (
@@ -85,8 +105,8 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
         super().__init__(*args, **kwargs)
 
     def setup_schedule(self) -> None:
-        if not self._redis.set(BEAT_LOCK_KEY, self._token, nx=True, ex=_BEAT_LOCK_TTL):
-            holder = self._holder() or "?"
+        holder = self._take()
+        if holder != self._token:
             raise SystemExit(
                 f"another celery beat ({holder}) is already running for this broker; "
                 "run exactly one beat (stop the other, or wait a minute if it crashed)"
@@ -102,21 +122,33 @@ class SingleBeatScheduler(PersistentScheduler):  # type: ignore[misc]  # celery 
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         # Refresh our lock; if it was lost (Redis flushed), take it back.
-        current = self._holder()
-        if current is None or current == self._token:
-            self._redis.set(BEAT_LOCK_KEY, self._token, ex=_BEAT_LOCK_TTL)
+        try:
+            holder = self._take()
+        except redis.RedisError as exc:
+            if not self._redis_failing:
+                log.warning("could not refresh the beat lock (%s); scheduling on, and taking "
+                            "the lock back once Redis answers", exc)  # fmt: skip
+            self._redis_failing = True
         else:
-            raise SystemExit(f"beat lock taken over by {current}; stopping this beat")
+            if holder != self._token:
+                message = f"beat lock taken over by {holder}; stopping this beat"
+                log.error(message)  # celery's beat service exits on SystemExit without a word
+                raise SystemExit(message)
+            if self._redis_failing:
+                log.info("Redis answers again; the beat lock is ours")
+            self._redis_failing = False
         return min(float(super().tick(*args, **kwargs)), _BEAT_LOCK_TTL / 3)
 
     def close(self) -> None:
-        self._release()
+        try:
+            self._release()
+        except redis.RedisError as exc:
+            log.warning("could not release the beat lock (%s); it expires in a minute", exc)
         super().close()
 
-    def _release(self) -> None:
-        if self._holder() == self._token:
-            self._redis.delete(BEAT_LOCK_KEY)
+    def _take(self) -> str:
+        holder = self._redis.eval(_TAKE, 1, BEAT_LOCK_KEY, self._token, _BEAT_LOCK_TTL)
+        return holder.decode() if isinstance(holder, bytes) else str(holder)
 
-    def _holder(self) -> str | None:
-        value = self._redis.get(BEAT_LOCK_KEY)
-        return value.decode() if isinstance(value, bytes) else value
+    def _release(self) -> None:
+        self._redis.eval(_RELEASE, 1, BEAT_LOCK_KEY, self._token)
