@@ -7,6 +7,8 @@ and shows a valid example.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +40,8 @@ SIMULATOR_CLIENT_ID = "simulator"
 # characters (a few legacy names are 2 long, e.g. r/de). Nothing else can reach
 # a file path or a URL.
 _SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
+# A DNS name or a compose service name (which may hold underscores).
+_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?")
 _INTERVAL_RE = re.compile(r"^[1-9]\d*\s*(second|minute|hour|day|week)s?$")
 
 
@@ -195,6 +199,23 @@ class Settings(BaseSettings):
             raise ValueError("port 0 is out of range (1-65535)")
         return value
 
+    @field_validator("pg_host")
+    @classmethod
+    def _check_pg_host(cls, value: str | None) -> str | None:
+        """A host name, an IPv4 address or an IPv6 one (brackets optional)."""
+        if value is None:
+            return None
+        host = value.strip().removeprefix("[").removesuffix("]")
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(host))
+        if _HOST_RE.fullmatch(host):
+            return host
+        if re.fullmatch(r"[^:/@\s]+:\d+", host):
+            raise ValueError("must be a host name or address without a port; "
+                             "set the port in PG_PORT")  # fmt: skip
+        raise ValueError("must be a host name or address, e.g. db.example or 10.0.0.7 "
+                         "(no user, port, path or URL)")  # fmt: skip
+
     @field_validator("reddit_oauth_url", "reddit_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
@@ -285,7 +306,8 @@ class Settings(BaseSettings):
         """host:port of PostgreSQL (the embedded server's when PG_HOST is unset)."""
         if self.pg_host is None:
             return f"127.0.0.1:{self.embedded_pg_port}"
-        return f"{self.pg_host}:{self.pg_port}"
+        host = f"[{self.pg_host}]" if ":" in self.pg_host else self.pg_host  # IPv6
+        return f"{host}:{self.pg_port}"
 
     def database_url(self, driver: str = "psycopg2") -> str:
         """SQLAlchemy URL. Contains the password: never log it."""

@@ -66,9 +66,8 @@ def _engine(url: str) -> Engine:
 
 
 def _collect_database(settings: Settings, names: list[str], report: dict[str, Any]) -> None:
-    engine = _engine(settings.database_url())
     try:
-        with engine.connect() as conn:
+        with _engine(settings.database_url()).connect() as conn:
             for source_id, kind, count, newest, ingested in conn.execute(_ROWS):
                 entry = report["subreddits"].setdefault(source_id, {})
                 entry[f"{kind}s"] = count

@@ -60,6 +60,9 @@ def test_subreddits_without_an_interval_take_scrape_interval_seconds(monkeypatch
         ("REDIS_URL", "redis://localhost:abc/0", "REDIS_URL: port 'abc' is not a number"),
         ("REDIS_URL", "redis:localhost", "REDIS_URL: names no host"),
         ("REDIS_URL", "redis://localhost:0/0", "REDIS_URL: port 0 is out of range"),
+        ("PG_HOST", "db:5432", "PG_HOST: must be a host name or address without a port"),
+        ("PG_HOST", "user@db", "PG_HOST: must be a host name or address"),
+        ("PG_HOST", "/var/run/postgresql", "PG_HOST: must be a host name or address"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, value, message):
@@ -147,6 +150,22 @@ def test_env_example_documents_every_setting_and_loads(tmp_path, monkeypatch):
     loaded = load_settings()
     assert [s.name for s in loaded.subreddits] == ["wallstreetbets", "stocks", "investing"]
     assert loaded.uses_embedded_postgres and loaded.uses_embedded_redis
+
+
+@pytest.mark.parametrize(("host", "address"), [
+    ("db.example", "db.example:6432"), ("pg_primary", "pg_primary:6432"),
+    ("10.0.0.7", "10.0.0.7:6432"), ("::1", "[::1]:6432"), ("[::1]", "[::1]:6432"),
+])  # fmt: skip
+def test_pg_host_names_and_addresses_make_a_url_that_reaches_them(monkeypatch, host, address):
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setenv("PG_HOST", host)
+    monkeypatch.setenv("PG_PORT", "6432")
+    settings = load_settings()
+
+    assert settings.postgres_address == address
+    url = make_url(settings.database_url())
+    assert (url.host, url.port) == (address.rpartition(":")[0].strip("[]"), 6432)
 
 
 def test_a_redis_url_without_a_host_means_localhost_as_in_redis_py(monkeypatch):
