@@ -60,11 +60,15 @@ def _check_settings() -> None:
 @app.command()
 def run(
     duration: Annotated[
-        float | None, typer.Option(help="stop by itself after this many seconds")
+        float | None, typer.Option(min=1, help="stop by itself after this many seconds")
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
-    flower_port: Annotated[int, typer.Option(help="Flower on 127.0.0.1:PORT")] = 5555,
-    simulator_port: Annotated[int, typer.Option(help="simulator port, when it runs")] = 8765,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="worker processes")] = 2,
+    flower_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Flower on 127.0.0.1:PORT")
+    ] = 5555,
+    simulator_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="simulator port, when it runs")
+    ] = 8765,
 ) -> None:
     """Run the whole pipeline, with a live view; Ctrl-C stops everything cleanly."""
     from sentiment.runner import Runner
@@ -331,7 +335,7 @@ def services_stop() -> None:
 
 @app.command()
 def simulator(
-    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8765,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port on 127.0.0.1")] = 8765,
     subreddits: Annotated[str, typer.Option(help="comma-separated subreddits to serve")] = "",
     growth: Annotated[float, typer.Option(help="new items per second per subreddit")] = 2.0,
     rpm: Annotated[

@@ -250,19 +250,23 @@ class Runner:
 
     def _kick_off(self, env: dict[str, str]) -> None:
         """Scrape every subreddit now; beat's first tick comes only one interval later."""
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import os; from sentiment.tasks import scrape\n"
-                    "for s in os.environ['SUBREDDITS'].split(','): scrape.delay(s.split(':')[0])"
-                ),
-            ],
-            env=env,
-            check=True,
-            timeout=60,
+        script = (
+            "import os; from sentiment.tasks import scrape\n"
+            "for s in os.environ['SUBREDDITS'].split(','): scrape.delay(s.split(':')[0])"
         )
+        try:
+            subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60,
+                           capture_output=True, text=True)  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            lines = (exc.stderr or "").strip().splitlines()
+            raise RuntimeError(
+                f"could not enqueue the first scrapes: {lines[-1] if lines else exc}"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                "could not enqueue the first scrapes within 60 s: does Redis accept writes? "
+                "(`sentiment status` checks it)"
+            ) from None
 
     def _wait_for_port(self, port: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -286,7 +290,7 @@ class Runner:
     def _watch(self, duration: float | None, env: dict[str, str]) -> None:
         from sentiment.status import collect_status, status_table
 
-        deadline = time.monotonic() + duration if duration else None
+        deadline = None if duration is None else time.monotonic() + duration
         names = [s.split(":")[0].lower() for s in env["SUBREDDITS"].split(",")]
         # What the children see (the simulator's client id, for the limiter's key).
         seen_by_children = self.settings.model_copy(

@@ -40,6 +40,39 @@ def test_run_refuses_a_csv_dir_it_cannot_write_before_starting_anything(tmp_path
     assert f"CSV_DIR={blocked}: cannot write CSV files there" in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("--flower-port", "70000"), ("--simulator-port", "0"), ("--duration", "0"),
+     ("--duration", "-5"), ("--concurrency", "0")],
+    ids=" ".join,
+)  # fmt: skip
+def test_run_refuses_an_option_out_of_range_before_starting_anything(args):
+    result = _sentiment("run", *args, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Invalid value for '" + args[0] in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_simulator_refuses_a_port_out_of_range():
+    result = _sentiment("simulator", "--port", "70000", timeout=60)
+
+    assert result.returncode == 2
+    assert "Invalid value for '--port'" in result.stderr
+
+
+def test_a_first_scrape_that_cannot_be_enqueued_is_one_clear_error(settings, tmp_path):
+    from sentiment.runner import Runner
+
+    runner = Runner(settings, concurrency=1)
+    env = {**os.environ, "SUBREDDITS": "stocks", "PG_PORT": "not-a-port"}
+
+    with pytest.raises(RuntimeError, match="could not enqueue the first scrapes") as caught:
+        runner._kick_off(env)
+
+    assert "PG_PORT" in str(caught.value)
+
+
 def test_a_second_run_on_the_same_data_dir_is_refused_at_once(settings):
     from sentiment.runner import only_run
 
