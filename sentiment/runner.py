@@ -239,8 +239,9 @@ class Runner:
             else [sys.executable, "-m", "celery"]
         )
         with log.open("ab") as out:
+            guarded = [sys.executable, "-m", "sentiment._orphan_guard", str(os.getpid())]
             process = subprocess.Popen(
-                [*program, *args],
+                [*guarded, *program, *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -603,6 +603,62 @@ def test_run_stopped_by_sigterm_stops_everything_it_started(settings, db, redis_
         assert leftovers.stdout == b"", f"a child on port {port} outlived `sentiment run`"
 
 
+@pytest.mark.slow
+def test_run_killed_outright_leaves_no_child_behind(settings, db, redis_client, csv_dir):
+    """SIGKILL (the OOM killer, `kill -9`) gives `sentiment run` no chance to stop its
+    children: they must notice and stop themselves. A beat left running would hold
+    the beat lock and make the next run's beat exit at once."""
+    import signal
+    import time
+
+    env = {
+        "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "", "SUBREDDITS": "delta_demo:10",
+        "REDDIT_OAUTH_URL": "https://oauth.reddit.com", "REDDIT_URL": "https://www.reddit.com",
+    }  # fmt: skip
+    sim_port, flower_port = _free_port(), _free_port()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", "run", "--simulator-port", str(sim_port),
+         "--flower-port", str(flower_port)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    children: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _reachable_port(flower_port):
+            time.sleep(0.5)
+        assert _reachable_port(flower_port), "sentiment run did not come up"
+        found = subprocess.run(
+            ["pgrep", "-P", str(run.pid)], capture_output=True, text=True, check=False
+        )
+        children = found.stdout.split()
+        assert len(children) == 4  # simulator, worker, beat, flower
+
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.5)
+        assert not [pid for pid in children if _alive(pid)], "children outlived sentiment run"
+        assert redis_client.get("sentiment:beat:lock") is None  # beat let go of it
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(int(pid), signal.SIGKILL)
+        redis_client.delete("sentiment:beat:lock")
+
+
+def _alive(pid: str) -> bool:
+    """Running: not gone, and not a zombie nobody has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _reachable_port(port: int) -> bool:
     import socket
 
