@@ -304,7 +304,8 @@ class Runner:
                         raise RuntimeError(
                             f"{child.name} exited with {child.process.returncode}; see {child.log}"
                         )
-                live.update(status_table(collect_status(seen_by_children, names)))
+                report = collect_status(seen_by_children, names, reuse_database=True)
+                live.update(status_table(report))
                 time.sleep(2)
 
     def _stop_children(self) -> None:

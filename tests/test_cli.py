@@ -169,6 +169,30 @@ def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
     assert set(report["queues"]) == {"scrape", "ingest", "export"}
 
 
+def test_the_live_view_reuses_a_slow_database_count_for_a_while(settings, db, redis_client,
+                                                                 monkeypatch):  # fmt: skip
+    # Counting a large raw_events takes seconds; the live view asks every 2 s. It
+    # reuses the last count for ten times as long as the count took (here: longer).
+    from sentiment import status
+    from sentiment.sinks.postgres import insert_batch
+    from tests.factories import make_events
+
+    monkeypatch.setattr(status, "_REUSE_FOR", 10_000)  # times the query's duration
+    insert_batch(make_events(3, subreddit="stocks"))
+    first = status.collect_status(settings, ["stocks"], reuse_database=True)
+    insert_batch(make_events(2, subreddit="stocks"))
+
+    reused = status.collect_status(settings, ["stocks"], reuse_database=True)
+    fresh = status.collect_status(settings, ["stocks"])
+
+    assert first["subreddits"]["stocks"]["submissions"] == 3
+    assert reused["subreddits"]["stocks"]["submissions"] == 3
+    assert reused["unprocessed"] == 3 and reused["health"]["postgres"] == "ok"
+    assert "last_run_s_ago" not in reused["subreddits"]["stocks"]  # Redis's part is not reused
+    assert fresh["subreddits"]["stocks"]["submissions"] == 5
+    assert fresh["unprocessed"] == 5
+
+
 def test_requeue_puts_rows_set_aside_back_in_the_queue(settings, db):
     from sentiment.processing import set_aside
     from sentiment.sinks.postgres import insert_batch
