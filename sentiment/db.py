@@ -10,7 +10,8 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sentiment.config import Settings, get_settings
 
 __all__ = [
-    "MAINTENANCE_LOCK_WAIT_S", "connect_args", "get_engine", "lock_raw_events", "make_engine",
+    "MAINTENANCE_LOCK_WAIT_S", "connect_args", "dispose_after_fork", "get_engine",
+    "lock_raw_events", "make_engine",
 ]  # fmt: skip
 
 # How long retention and the partition keeper wait to take raw_events whole. Every

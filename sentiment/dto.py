@@ -32,8 +32,8 @@ from pydantic import (
 from sentiment.config import valid_subreddit
 
 __all__ = [
-    "EventType", "RawEventDTO", "canonical_id", "clean_json", "dump_events", "load_events",
-    "loads_lenient", "to_utc",
+    "EventType", "RawEventDTO", "canonical_id", "clean_json", "clean_text", "dump_events",
+    "load_events", "loads_lenient", "to_utc",
 ]  # fmt: skip
 
 EventType = Literal["submission", "comment"]
