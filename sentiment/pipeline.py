@@ -182,17 +182,33 @@ def fetch(subreddit: str) -> ScrapeResult:
     if settings.retention_days is not None:
         not_before = datetime.now(UTC) - timedelta(days=settings.retention_days)
     runtime = _runtime(settings)
-    return runtime.loop.run_until_complete(
-        scrape_subreddit(
-            runtime.reddit,
-            subreddit,
-            marks,
-            depth=settings.scrape_backfill_depth,
-            attempts=settings.reddit_max_attempts,
-            not_before=not_before,
-            lookback=settings.scrape_lookback_seconds,
+    try:
+        return runtime.loop.run_until_complete(
+            scrape_subreddit(
+                runtime.reddit,
+                subreddit,
+                marks,
+                depth=settings.scrape_backfill_depth,
+                attempts=settings.reddit_max_attempts,
+                not_before=not_before,
+                lookback=settings.scrape_lookback_seconds,
+            )
         )
-    )
+    finally:
+        _cancel_leftovers(runtime.loop)
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what a scrape left in the loop. An exception raised into the loop
+    from outside (Celery's soft time limit, from a signal handler) leaves the
+    scrape's tasks pending; the loop lives on, and they would resume, unlocked,
+    in the next task."""
+    leftovers = asyncio.all_tasks(loop)
+    if not leftovers:
+        return
+    for task in leftovers:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
 
 
 def advance_watermarks(subreddit: str, marks: dict[str, str]) -> None:

@@ -78,3 +78,34 @@ def test_the_csv_ledger_remembers_a_batch_longer_than_its_blob_lives():
     # A chain can re-run its export only while the blob exists; after that the
     # ledger may forget the batch without risking a second append.
     assert pipeline.BATCH_TTL_S < KEEP_BATCHES_S
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_scrape_interrupted_in_the_loop_leaves_nothing_running_in_it(settings, redis_client,
+                                                                       monkeypatch):  # fmt: skip
+    # Celery's soft time limit raises in the middle of whatever runs, here the loop.
+    import asyncio
+    import signal
+
+    async def pages_forever(*args: object, **kwargs: object) -> None:
+        asyncio.get_running_loop().create_task(asyncio.sleep(3600))  # a kind's listing
+        await asyncio.sleep(3600)
+
+    def interrupt(*_: object) -> None:
+        raise _Interrupted
+
+    monkeypatch.setattr(pipeline, "scrape_subreddit", pages_forever)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(_Interrupted):
+            pipeline.fetch("somesub")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    loop = pipeline._runtime(settings).loop
+    assert not asyncio.all_tasks(loop)

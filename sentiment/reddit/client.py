@@ -35,7 +35,7 @@ from sentiment.errors import (
 from sentiment.reddit.jsondecode import OrjsonResponse
 from sentiment.reddit.ratelimit import SharedRateLimiter
 
-__all__ = ["CountingRequestor", "make_reddit", "make_sync_reddit", "translate_error"]
+__all__ = ["CountingRequestor", "innermost", "make_reddit", "make_sync_reddit", "translate_error"]
 
 
 _TOKEN_PATH = "/api/v1/access_token"  # noqa: S105 - a URL path, not a password
@@ -131,20 +131,39 @@ def make_sync_reddit(settings: Settings) -> praw.Reddit:
     return praw.Reddit(check_for_async=False, **_common_config(settings))
 
 
-async def translate_error(exc: BaseException, subreddit: str) -> RedditError:
+def innermost(exc: BaseException) -> BaseException:
+    """The error under asyncprawcore's RequestException wrappers (one per retry)."""
+    while (inner := getattr(exc, "original_exception", None)) is not None:
+        exc = inner
+    return exc
+
+
+async def translate_error(  # noqa: PLR0911 - one return per kind of error reads best
+    exc: BaseException, subreddit: str
+) -> RedditError:
     """Turn an asyncprawcore/prawcore error into ours, with what to do about it."""
-    status = getattr(getattr(exc, "response", None), "status", None) or getattr(
-        getattr(exc, "response", None), "status_code", None
-    )
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status", None) or getattr(response, "status_code", None)
+    url = str(getattr(response, "url", ""))
     reason = await _reason(exc)
     name = type(exc).__name__
-    if name in {"OAuthException", "InvalidToken"} or status == 401:
+    # A 401 without Reddit's WWW-Authenticate header (a proxy's) fails inside
+    # asyncprawcore with KeyError(401), wrapped: still bad credentials, not an outage.
+    without_header = isinstance(inner := innermost(exc), KeyError) and inner.args == (401,)
+    if name in {"OAuthException", "InvalidToken"} or status == 401 or without_header:
         return RedditAuthError(
             "Reddit refused the credentials (401): check REDDIT_CLIENT_ID, REDDIT_CLIENT_SECRET"
             " (and REDDIT_USERNAME / REDDIT_PASSWORD if set)"
         )
+    if status is not None and 400 <= status < 500 and _TOKEN_PATH in url:
+        # About the set-up, not the subreddit: a wrong REDDIT_URL, or a user agent or
+        # network that Reddit blocks (it answers those 403).
+        return RedditAuthError(
+            f"Reddit refused the token request ({status}) at {url}: check REDDIT_URL,"
+            " REDDIT_USER_AGENT (Reddit blocks generic ones) and the credentials"
+        )
     if name == "TooManyRequests" or status == 429:
-        headers = getattr(getattr(exc, "response", None), "headers", {}) or {}
+        headers = getattr(response, "headers", {}) or {}
         retry_after = float(headers.get("x-ratelimit-reset") or headers.get("retry-after") or 60)
         return RedditRateLimited(f"Reddit rate limit hit while scraping r/{subreddit}", retry_after)
     if name in {"Forbidden", "InsufficientScope"} or status == 403:
@@ -156,7 +175,12 @@ async def translate_error(exc: BaseException, subreddit: str) -> RedditError:
     if name in {"NotFound", "Redirect", "UnavailableForLegalReasons"} or status in {404, 302, 451}:
         kind = "banned" if reason == "banned" else "missing or banned"
         return SubredditUnavailable(f"r/{subreddit} is {kind} ({status}): drop it from SUBREDDITS")
-    if name in {"ServerError", "RequestException", "BadJSON"} or (status or 0) >= 500:
+    # 408 is a request timeout: asyncprawcore retries it too, then raises it bare.
+    if (
+        name in {"ServerError", "RequestException", "BadJSON"}
+        or (status or 0) >= 500
+        or (status == 408)
+    ):
         return RedditUnavailable(f"Reddit is unavailable ({name}) while scraping r/{subreddit}")
     return RedditError(f"Reddit answered {status or name} while scraping r/{subreddit}")
 

@@ -45,7 +45,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from sentiment.config import valid_subreddit
 from sentiment.dto import RawEventDTO, canonical_id, to_utc
 from sentiment.errors import InvalidSubreddit, RedditError, RedditUnavailable, ServiceUnavailable
-from sentiment.reddit.client import translate_error
+from sentiment.reddit.client import innermost, translate_error
 from sentiment.reddit.ids import base36_to_int
 from sentiment.reddit.jsondecode import decode_json, no_huge_integers, raw_body
 
@@ -124,8 +124,8 @@ async def scrape_subreddit(
         name = valid_subreddit(subreddit)
     except ValueError as exc:
         raise InvalidSubreddit(str(exc)) from None
-    results = await asyncio.gather(
-        *(
+    kinds = [
+        asyncio.ensure_future(
             _scrape_kind(
                 reddit,
                 name,
@@ -136,9 +136,18 @@ async def scrape_subreddit(
                 not_before=not_before,
                 lookback=lookback,
             )
-            for kind in KINDS
         )
-    )
+        for kind in KINDS
+    ]
+    try:
+        results = await asyncio.gather(*kinds)
+    except BaseException:
+        # gather leaves the other kind running: in a worker's loop, which lives on
+        # between tasks, it would page on during the next task, unlocked.
+        for task in kinds:
+            task.cancel()
+        await asyncio.gather(*kinds, return_exceptions=True)
+        raise
     by_kind = dict(zip(KINDS, results, strict=True))
     for kind, result in by_kind.items():
         if result.gap:
@@ -323,6 +332,8 @@ async def _fetch_page(
             except (RedditError, ServiceUnavailable):  # ours already (the limiter's Redis)
                 raise
             except Exception as exc:  # asyncprawcore's errors, translated at the boundary
+                if isinstance(inner := innermost(exc), ServiceUnavailable):
+                    raise inner from exc  # the limiter's Redis, after the response
                 raise await translate_error(exc, subreddit) from exc
             page = _read_listing(body, subreddit)
     if page is None:

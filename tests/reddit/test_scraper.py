@@ -186,6 +186,42 @@ def test_bad_credentials_give_a_clear_error(settings, simulator, redis_client):
         scrape(wrong, name)
 
 
+def test_a_token_request_refused_is_a_setup_error_not_the_subreddits(
+    settings, simulator, redis_client, monkeypatch
+):
+    # Reddit answers 403 to a user agent or network it blocks, a wrong REDDIT_URL a
+    # 404: neither says anything about the subreddit, which must not be marked failing.
+    simulator.add_subreddit(name := _name("token"), submissions=1)
+    monkeypatch.setattr(simulator, "issue_token", lambda *_: (403, b'{"error": 403}'))
+
+    with pytest.raises(RedditAuthError, match=r"token request .* REDDIT_URL") as caught:
+        scrape(settings, name)
+    assert not caught.value.retryable
+
+
+def test_a_request_timeout_408_is_retried(settings, simulator, redis_client):
+    simulator.add_subreddit(name := _name("t408"), submissions=3, comments=0)
+    # asyncprawcore tries a 408 three times itself; six, over the two listings, make
+    # at least one of them run out of its first round.
+    simulator.inject_fault("status", status=408, count=6, subreddit=name)
+
+    result, _ = scrape(settings, name, attempts=3)
+
+    assert len(result.events) == 3
+
+
+def test_a_401_without_its_header_is_still_bad_credentials(settings, simulator, redis_client):
+    # A proxy's 401 lacks Reddit's WWW-Authenticate; asyncprawcore then fails with a
+    # KeyError of its own, which must not pass for an outage and be retried.
+    simulator.add_subreddit(name := _name("h401"), submissions=1)
+    simulator.inject_fault("status", status=401, count=None, subreddit=name)
+    try:
+        with pytest.raises(RedditAuthError, match="401"):
+            scrape(settings, name, attempts=3)
+    finally:
+        simulator.clear_faults()
+
+
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -266,3 +302,25 @@ def test_the_fast_path_gives_what_the_general_path_gives(
     )  # fmt: skip
     stored = insert_batch(fast.events)
     assert stored.rejected == 0 and len(stored.new) == len(fast.events)
+
+
+class _OneKindFails:
+    """/new is private; /comments answers, slowly and empty."""
+
+    async def request(self, method: str, path: str, params: dict[str, Any]) -> Any:
+        if path.endswith("/new"):
+            raise SubredditUnavailable("r/somesub is private (403)")
+        await asyncio.sleep(0.2)
+        return {"kind": "Listing", "data": {"children": [], "after": None}}
+
+
+def test_a_kind_that_fails_leaves_no_other_kind_running():
+    # A worker's loop lives on between tasks: a listing left running there would
+    # page on in the next task, after the scrape lock was released.
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(SubredditUnavailable):
+            loop.run_until_complete(scrape_subreddit(_OneKindFails(), "somesub", {}, attempts=1))
+        assert not asyncio.all_tasks(loop)
+    finally:
+        loop.close()
