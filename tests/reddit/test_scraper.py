@@ -176,6 +176,30 @@ def test_redis_gone_from_under_the_limiter_is_a_retryable_outage_not_a_reddit_er
     assert caught.value.retryable
 
 
+def test_redis_lost_while_a_response_is_noted_is_still_a_redis_outage(settings, simulator):
+    # The limiter notes each response inside asyncprawcore's request, which wraps
+    # whatever goes wrong there in its RequestException ("Reddit is unavailable").
+    simulator.add_subreddit(name := _name("observe"), submissions=2)
+
+    class LosesRedisAfterTheResponse(SharedRateLimiter):
+        async def observe(self, headers: Any, *, status: int) -> None:
+            raise ServiceUnavailable("Redis (127.0.0.1:1) is unreachable: the shared limiter")
+
+    async def run() -> None:
+        redis = AsyncRedis.from_url(settings.redis_connection_url())
+        limiter = LosesRedisAfterTheResponse(redis, "id", limit=100, window_seconds=60)
+        reddit = make_reddit(settings, limiter)
+        try:
+            await scrape_subreddit(reddit, name, {}, attempts=1)
+        finally:
+            await reddit.close()
+            await redis.aclose()
+
+    with pytest.raises(ServiceUnavailable, match="Redis") as caught:
+        asyncio.run(run())
+    assert caught.value.retryable
+
+
 def test_bad_credentials_give_a_clear_error(settings, simulator, redis_client):
     from pydantic import SecretStr
 
