@@ -51,7 +51,10 @@ if now < paused_until then
   return {0, tostring(paused_until - now)}
 end
 if window_end == nil or now >= window_end then
-  window_end, remaining, inflight = now + window, limit, 0
+  -- Requests still in flight may reach Reddit in this window and count there:
+  -- assume so until a response says where Reddit stands. (The count restarts at
+  -- 0, so a process that died mid-request cannot shrink every later window.)
+  window_end, remaining, inflight = now + window, math.max(0, limit - inflight), 0
   redis.call('HSET', key, 'aligned', '0')  -- a guess until a response says where Reddit is
 end
 if remaining <= 0 then

@@ -148,3 +148,21 @@ def test_the_client_id_never_reaches_redis(settings, redis_client):
     asyncio.run(touch())
     assert not list(redis_client.scan_iter("*my-client-id*"))
     assert list(redis_client.scan_iter("sentiment:reddit:ratelimit:*"))
+
+
+def test_a_new_window_counts_the_requests_still_in_flight_from_the_last(settings, redis_client):
+    """Granted at the end of one window, a request may reach Reddit in the next and
+    count there; until a response says where Reddit stands, the new window assumes so."""
+
+    async def run() -> int | None:
+        redis = AsyncRedis.from_url(settings.redis_connection_url())
+        limiter = SharedRateLimiter(redis, "rollover-test", limit=10, window_seconds=1)
+        for _ in range(3):
+            await limiter.acquire()  # sent; no response yet
+        await asyncio.sleep(1.2)  # our window has ended
+        await limiter.acquire()
+        remaining = (await limiter.state()).remaining
+        await redis.aclose()
+        return remaining
+
+    assert asyncio.run(run()) == 10 - 3 - 1
