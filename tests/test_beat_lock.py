@@ -73,6 +73,15 @@ def test_a_lock_taken_over_stops_this_beat_and_says_why(scheduler, redis_client,
     assert redis_client.get(BEAT_LOCK_KEY) == b"elsewhere:1"  # not ours to release
 
 
+def test_each_tick_refreshes_the_lock(scheduler, redis_client):
+    scheduler.setup_schedule()
+    redis_client.expire(BEAT_LOCK_KEY, 5)  # as if the last refresh were 55 s ago
+
+    scheduler.tick()
+
+    assert redis_client.ttl(BEAT_LOCK_KEY) > 5
+
+
 def test_a_lock_lost_to_a_flush_is_taken_back(scheduler, redis_client):
     scheduler.setup_schedule()
     redis_client.delete(BEAT_LOCK_KEY)

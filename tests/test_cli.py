@@ -133,10 +133,11 @@ def test_run_brings_up_the_whole_pipeline_and_stops_cleanly(settings, db, redis_
     assert set(counts) == {"alpha_demo", "beta_demo"}
     assert all(n > 0 for n in counts.values())
     assert {p.parent.name for p in csv_dir.rglob("*.csv")} == {"alpha_demo", "beta_demo"}
+    # "--": pgrep would take "--port=..." for an option of its own and match nothing.
     leftovers = subprocess.run(
-        ["pgrep", "-f", f"--port={flower_port}"], capture_output=True, check=False
+        ["pgrep", "-f", "--", f"--port={flower_port}"], capture_output=True, check=False
     )
-    assert leftovers.stdout == b"", "a child process outlived `sentiment run`"
+    assert leftovers.returncode == 1, "a child process outlived `sentiment run`"  # 1: no match
 
 
 def test_status_reports_health_queues_and_backlog(settings, db, redis_client):
@@ -616,6 +617,9 @@ def test_run_stopped_by_sigterm_stops_everything_it_started(settings, db, redis_
         while time.monotonic() < deadline and not _reachable_port(flower_port):
             time.sleep(0.5)
         assert _reachable_port(flower_port), "sentiment run did not come up"
+        for port in (flower_port, sim_port):  # so that none found afterwards means something
+            found = subprocess.run(["pgrep", "-f", f"{port}"], capture_output=True, check=False)
+            assert found.stdout, f"no child serves port {port}"
         run.send_signal(signal.SIGTERM)
         output, _ = run.communicate(timeout=90)
     finally:
@@ -656,6 +660,9 @@ def test_run_killed_outright_leaves_no_child_behind(settings, db, redis_client, 
         )
         children = found.stdout.split()
         assert len(children) == 4  # simulator, worker, beat, flower
+        while time.monotonic() < deadline and redis_client.get("sentiment:beat:lock") is None:
+            time.sleep(0.2)
+        assert redis_client.get("sentiment:beat:lock") is not None  # beat is up and holds it
 
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=10)

@@ -169,5 +169,10 @@ def test_pg_host_names_and_addresses_make_a_url_that_reaches_them(monkeypatch, h
 
 
 def test_a_redis_url_without_a_host_means_localhost_as_in_redis_py(monkeypatch):
+    import redis
+
     monkeypatch.setenv("REDIS_URL", "redis://:pw@/0")
-    assert load_settings().redis_url is not None
+    url = load_settings().redis_connection_url()
+    kwargs = redis.Redis.from_url(url).connection_pool.connection_kwargs
+    assert kwargs.get("host", "localhost") == "localhost"
+    assert kwargs["password"] == "pw"

@@ -127,7 +127,7 @@ def test_kept_payload_json_holds_no_spare_buffer(build):
     finally:
         tracemalloc.stop()
     assert len(encoded) > 2000
-    assert held < 1.2 * len(encoded)  # orjson's own buffer would be 2-8 times that
+    assert len(encoded) <= held < 1.2 * len(encoded)  # orjson's own buffer: 2-8 times that
 
 
 def test_blobs_in_the_earlier_format_still_load():

@@ -177,22 +177,23 @@ def test_retention_steps_back_from_an_open_claim_without_stalling_anyone(any_lay
             time.sleep(LOCK_WAIT_S + 2)  # the model scores the rows
             return mark_processed([r.key for r in rows], connection=rows.connection).updated
 
-    def late_insert() -> float:
-        started = time.monotonic()
+    def late_insert() -> bool:
+        """Whether the insert is done while the claim is still open: it queued behind
+        retention's short wait, not behind the claim retention was waiting for."""
         _insert(any_layout, {"late": (NOW, False)})
-        return time.monotonic() - started
+        return not worker.done()
 
     with ThreadPoolExecutor(3) as pool:
         worker = pool.submit(sentiment_worker)
         assert claimed.wait(10)
         running = pool.submit(apply_retention, 30, engine=any_layout, now=NOW)
         wait_for_a_lock_wait(any_layout, "retention")
-        insert_took = pool.submit(late_insert).result(timeout=30)
+        before_the_claim_ended = pool.submit(late_insert).result(timeout=30)
         with pytest.raises(ServiceUnavailable, match="raw_events is in use"):
             running.result(timeout=30)
         assert worker.result(timeout=30) == 1  # marked, not deadlocked
 
-    assert insert_took < LOCK_WAIT_S + 1
+    assert before_the_claim_ended
     assert len(apply_retention(30, engine=any_layout, now=NOW).dropped) == 1  # day -40
     assert _stored(any_layout) == {"new1", "late"}
 
@@ -282,6 +283,7 @@ def test_status_shows_how_the_last_retention_and_partition_runs_went(
     from sentiment.status import collect_status, status_table
 
     monkeypatch.setattr(tasks, "_settings", settings.model_copy(update={"retention_days": 30}))
+    before = time.time()
     tasks.keep_partitions.run()
 
     def held(_days: int) -> None:
@@ -293,7 +295,8 @@ def test_status_shows_how_the_last_retention_and_partition_runs_went(
 
     report = collect_status(settings)
     jobs = report["maintenance"]
-    assert jobs["partitions"]["ok"] is True and jobs["partitions"]["last_s_ago"] <= 5
+    assert jobs["partitions"]["ok"] is True
+    assert jobs["partitions"]["last_s_ago"] <= round(time.time() - before) + 1  # this run's
     assert jobs["retention"]["ok"] is False
     assert "raw_events is held by another transaction" in jobs["retention"]["result"]
     assert any("retention" in problem for problem in report["problems"])

@@ -225,20 +225,21 @@ def test_the_partition_keeper_steps_back_from_an_open_claim(db, timescale):
     def sentiment_worker() -> int:
         with claim_unprocessed(limit=10) as rows:
             claimed.set()
-            release.wait(30)  # the model scores the rows
+            # The model scores the rows, for longer than the keeper's short wait but
+            # far shorter than the connections' own lock_timeout (30 s): if the
+            # keeper waited that long, the claim would end first and it would succeed.
+            release.wait(MAINTENANCE_LOCK_WAIT_S + 8)
             return len(rows)
 
     with ThreadPoolExecutor(2) as pool:
         worker_claim = pool.submit(sentiment_worker)
         assert claimed.wait(10)
-        started = time.monotonic()
         with pytest.raises(sqlalchemy.exc.OperationalError, match="lock timeout"):
             keep_partitions()  # retried by Celery: OperationalError is transient
-        waited = time.monotonic() - started
+        assert not worker_claim.done()  # it gave up while the claim was still open
         release.set()
         assert worker_claim.result(timeout=30) == 3
 
-    assert waited < MAINTENANCE_LOCK_WAIT_S + 1
     assert keep_partitions()["partitions_created"] >= 1
     with db.connect() as conn:
         assert conn.execute(text(f"SELECT to_regclass('raw_events_p{day:%Y%m%d}')")).scalar()
@@ -367,6 +368,7 @@ def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(
     name = _unique_subreddit("pgdown")
     simulator.add_subreddit(name, submissions=40, comments=60)
     server.stop()
+    assert not server.accepts_connections()
     restart = threading.Timer(20, server.start)
     restart.start()
     try:
@@ -375,6 +377,7 @@ def test_postgres_stopped_for_20_seconds_the_tasks_retry_and_finish(
         restart.join()
 
     assert summary["inserted"] == summary["exported"] == 100
+    assert "retry: Retry in" in worker.output()  # the tasks met the outage, and retried
     stored = _stored_ids(db, name)
     assert len(stored) == len(set(stored)) == 100
     assert sorted(_csv_ids(csv_dir)) == sorted(stored)
@@ -506,10 +509,13 @@ def test_beat_retries_parked_exports_every_ten_minutes(settings):
 
 
 def test_beat_looks_for_missed_exports_every_hour(settings):
+    from celery.schedules import crontab
+
     from sentiment.schedule import build_beat_schedule
 
     entry = build_beat_schedule(settings)["export-missing"]
     assert entry["task"] == "sentiment.tasks.export_missing"
+    assert entry["schedule"] == crontab(minute=47)  # once an hour
     assert entry["options"]["expires"] < 3600
 
 
@@ -536,6 +542,7 @@ def test_redis_restarted_the_worker_reconnects_and_carries_on(worker, simulator,
     simulator.add_subreddit(name, submissions=4, comments=4)
     server = embedded_redis(settings)
     server.stop()
+    assert not server.is_running()
     time.sleep(3)
     server.start()
 
@@ -734,11 +741,15 @@ def test_a_pool_process_closes_its_reddit_client_on_the_way_out(simulator, redis
 
 
 def test_a_failed_scrape_lets_go_of_its_lock_and_says_why_and_shrugs_if_redis_is_gone(
-    redis_client, monkeypatch
+    redis_client, monkeypatch, caplog
 ):
+    import logging
+    import os
+
     import redis
 
     from sentiment import tasks
+    from tests.conftest import _free_port
 
     name = _unique_subreddit("letgo")
     token = pipeline.acquire_scrape_lock(name, ttl_s=60)
@@ -746,8 +757,8 @@ def test_a_failed_scrape_lets_go_of_its_lock_and_says_why_and_shrugs_if_redis_is
     assert pipeline.acquire_scrape_lock(name, ttl_s=60) is not None  # released
     assert "503" in redis_client.hget(pipeline.runs_key(name), "error").decode()
 
-    def gone(*args: object, **kwargs: object) -> None:
-        raise redis.exceptions.ConnectionError("Connection refused")
-
-    monkeypatch.setattr(pipeline, "release_scrape_lock", gone)
-    tasks._let_go(name, "token", error="ServiceUnavailable: Redis")  # logged, not raised
+    nothing_listens = redis.Redis(port=_free_port(), socket_connect_timeout=1)
+    monkeypatch.setitem(pipeline._redis_clients, os.getpid(), nothing_listens)
+    with caplog.at_level(logging.WARNING):
+        tasks._let_go(name, "token", error="ServiceUnavailable: Redis")  # logged, not raised
+    assert f"r/{name}: could not release the scrape lock" in caplog.text

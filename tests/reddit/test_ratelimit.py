@@ -74,7 +74,8 @@ def test_a_429_pauses_every_process_until_the_reset(settings, redis_client):
         return waited, state.limited
 
     waited, limited = asyncio.run(run())
-    assert 1.5 <= waited <= 4
+    assert waited >= 1.5  # the reset: 1 s, plus the margin
+    assert waited < 30  # then it goes on
     assert limited == 1
 
 
@@ -128,15 +129,17 @@ def test_a_response_read_late_neither_raises_the_count_nor_hides_later_headers(
             await limiter.observe(stamped(), status=200)
         await asyncio.sleep(3)
         await limiter.observe(slow, status=200)
+        used += 10  # spent by a client this limiter does not know: only headers tell
         for _ in range(5):
             await limiter.acquire()
             await limiter.observe(stamped(), status=200)
         ours = (await limiter.state()).remaining
         await redis.aclose()
-        return ours or 0, 100 - used
+        assert ours is not None
+        return ours, 100 - used
 
     ours, reddits = asyncio.run(run())
-    assert ours <= reddits
+    assert ours == reddits  # the later headers were believed, the late one did not raise it
 
 
 def test_the_client_id_never_reaches_redis(settings, redis_client):
