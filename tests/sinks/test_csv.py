@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -597,13 +598,46 @@ def test_check_csv_dir_names_the_setting_and_the_reason(tmp_path):
             check_csv_dir(bad)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_check_csv_dir_refuses_a_folder_it_cannot_write(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
+def test_check_csv_dir_refuses_a_folder_it_cannot_write():
+    # Root writes into read-only folders: as root, the check runs as nobody, in a
+    # forked child, on a folder nobody can reach but not write.
+    with tempfile.TemporaryDirectory(dir="/tmp") as parent:
+        os.chmod(parent, 0o755)
+        locked = Path(parent) / "locked"
+        locked.mkdir(mode=0o555)
+        if os.geteuid() != 0:
+            with pytest.raises(ConfigError, match=f"CSV_DIR={locked}: .*Permission denied"):
+                check_csv_dir(locked)
+            return
+        refused = _as_nobody(lambda: check_csv_dir(locked))
+        assert refused == (f"ConfigError: CSV_DIR={locked}: cannot write CSV files there "
+                           "(Permission denied); set CSV_DIR to a folder this user can create "
+                           "and write")  # fmt: skip
 
-    with pytest.raises(ConfigError, match=f"CSV_DIR={locked}: .*Permission denied"):
-        check_csv_dir(locked)
+
+def _as_nobody(check: Callable[[], object]) -> str:
+    """What `check` raised (or "ok") when run as the user nobody, in a forked child."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read)
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            check()
+            outcome = "ok"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            outcome = f"{type(exc).__name__}: {exc}"
+        os.write(write, outcome.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
 
 
 def test_the_readme_reads_a_file_as_it_says(tmp_path, capsys):
