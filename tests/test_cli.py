@@ -599,24 +599,10 @@ def test_run_stopped_by_sigterm_stops_everything_it_started(settings, db, redis_
     """A supervisor, `timeout` or a closed terminal stops `sentiment run` with SIGTERM
     or SIGHUP, not Ctrl-C: the children (in sessions of their own) must go too."""
     import signal
-    import time
 
-    env = {
-        "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "", "SUBREDDITS": "gamma_demo:10",
-        "REDDIT_OAUTH_URL": "https://oauth.reddit.com", "REDDIT_URL": "https://www.reddit.com",
-    }  # fmt: skip
-    sim_port, flower_port = _free_port(), _free_port()
-    run = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", "run", "--simulator-port", str(sim_port),
-         "--flower-port", str(flower_port)],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
+    run, sim_port, flower_port = _demo_run("gamma_demo", stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _reachable_port(flower_port):
-            time.sleep(0.5)
-        assert _reachable_port(flower_port), "sentiment run did not come up"
+        _wait_for_port(flower_port)
         for port in (flower_port, sim_port):  # so that none found afterwards means something
             found = subprocess.run(["pgrep", "-f", f"{port}"], capture_output=True, check=False)
             assert found.stdout, f"no child serves port {port}"
@@ -639,22 +625,10 @@ def test_run_killed_outright_leaves_no_child_behind(settings, db, redis_client, 
     import signal
     import time
 
-    env = {
-        "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "", "SUBREDDITS": "delta_demo:10",
-        "REDDIT_OAUTH_URL": "https://oauth.reddit.com", "REDDIT_URL": "https://www.reddit.com",
-    }  # fmt: skip
-    sim_port, flower_port = _free_port(), _free_port()
-    run = subprocess.Popen(
-        [sys.executable, "-m", "sentiment.cli", "run", "--simulator-port", str(sim_port),
-         "--flower-port", str(flower_port)],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    run, _, flower_port = _demo_run("delta_demo", stdout=subprocess.DEVNULL)
     children: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not _reachable_port(flower_port):
-            time.sleep(0.5)
-        assert _reachable_port(flower_port), "sentiment run did not come up"
+        deadline = _wait_for_port(flower_port)
         found = subprocess.run(
             ["pgrep", "-P", str(run.pid)], capture_output=True, text=True, check=False
         )
@@ -679,6 +653,33 @@ def test_run_killed_outright_leaves_no_child_behind(settings, db, redis_client, 
             if _alive(pid):
                 os.kill(int(pid), signal.SIGKILL)
         redis_client.delete("sentiment:beat:lock")
+
+
+def _demo_run(subreddit: str, *, stdout: int) -> tuple[subprocess.Popen[str], int, int]:
+    """`sentiment run` of the simulator's demo on free ports: the process and the
+    simulator's and Flower's ports."""
+    env = {
+        "REDDIT_CLIENT_ID": "", "REDDIT_CLIENT_SECRET": "", "SUBREDDITS": f"{subreddit}:10",
+        "REDDIT_OAUTH_URL": "https://oauth.reddit.com", "REDDIT_URL": "https://www.reddit.com",
+    }  # fmt: skip
+    sim_port, flower_port = _free_port(), _free_port()
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", "run", "--simulator-port", str(sim_port),
+         "--flower-port", str(flower_port)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    return run, sim_port, flower_port
+
+
+def _wait_for_port(port: int) -> float:
+    """Wait (up to 2 minutes) until something listens on `port`; the deadline, to reuse."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _reachable_port(port):
+        time.sleep(0.5)
+    assert _reachable_port(port), "sentiment run did not come up"
+    return deadline
 
 
 def _alive(pid: str) -> bool:
