@@ -32,7 +32,7 @@ from sentiment.errors import ConfigError, SentimentError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "psql_environment"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 services_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL and Redis.")
@@ -288,6 +288,22 @@ def _check_in_scratch_database(settings: Settings, config: Config) -> None:
         admin.dispose()
 
 
+def psql_environment(settings: Settings) -> dict[str, str]:
+    """libpq's variables for the pipeline's database (the password too, never argv).
+
+    The host as libpq wants it: an IPv6 address without the brackets a URL needs.
+    """
+    if settings.pg_host is None:
+        host, port = "127.0.0.1", str(settings.embedded_pg_port)
+    else:
+        host, port = settings.pg_host, str(settings.pg_port)
+    env = {**os.environ, "PGHOST": host, "PGPORT": port, "PGUSER": settings.pg_user,
+           "PGDATABASE": settings.pg_db, "PGAPPNAME": "sentiment psql"}  # fmt: skip
+    if password := settings.pg_password.get_secret_value():
+        env["PGPASSWORD"] = password
+    return env
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def psql(ctx: typer.Context) -> None:
     """psql on the pipeline's database; what follows goes to psql (-c "SQL", -f FILE, ...).
@@ -299,12 +315,7 @@ def psql(ctx: typer.Context) -> None:
     """
     from sentiment.embedded import pg_program
 
-    settings = get_settings()
-    host, _, port = settings.postgres_address.rpartition(":")
-    env = {**os.environ, "PGHOST": host, "PGPORT": port, "PGUSER": settings.pg_user,
-           "PGDATABASE": settings.pg_db, "PGAPPNAME": "sentiment psql"}  # fmt: skip
-    if password := settings.pg_password.get_secret_value():
-        env["PGPASSWORD"] = password
+    env = psql_environment(get_settings())
     program = str(pg_program("psql"))
     sys.stdout.flush()
     os.execve(program, [program, *ctx.args], env)  # noqa: S606 - psql of our own wheel, no shell

@@ -41,7 +41,7 @@ SIMULATOR_CLIENT_ID = "simulator"
 # a file path or a URL.
 _SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
 # A DNS name or a compose service name (which may hold underscores).
-_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?")
+_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?\.?")  # FQDN dot
 _INTERVAL_RE = re.compile(r"^[1-9]\d*\s*(second|minute|hour|day|week)s?$")
 
 

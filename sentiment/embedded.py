@@ -326,7 +326,11 @@ class EmbeddedRedis:
                     "free port, or REDIS_URL to use that Redis"
                 )
             return
-        self._refuse_running_elsewhere()
+        running = self.running_port()
+        self._refuse_running_elsewhere(running)
+        if running == self.port:  # ours, not answering yet (loading its append-only file)
+            _wait_for(self.is_running, f"Redis on 127.0.0.1:{self.port}")
+            return
         _refuse_taken_port(self.port, "EMBEDDED_REDIS_PORT", "REDIS_URL to use a Redis of yours")
         self.directory.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -365,22 +369,28 @@ class EmbeddedRedis:
         except (OSError, ValueError):
             return 0
 
-    def _refuse_running_elsewhere(self) -> None:
-        """Our folder's server started earlier under another EMBEDDED_REDIS_PORT:
-        a second server on the same append-only file would corrupt it."""
+    def running_port(self) -> int | None:
+        """The port our folder's server runs on (None if none runs), answering or not."""
         pid = self._pid()
         if not (pid and self._is_ours(pid)):
-            return
+            return None
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
         except OSError:
-            return  # it has just exited
-        address = title.decode(errors="replace").strip().rpartition(" ")[2] or "another port"
-        raise ConfigError(
-            f"EMBEDDED_REDIS_PORT: the embedded Redis of {self.data_dir} already runs "
-            f"(pid {pid}, {address}), not on port {self.port}; stop it first with "
-            "`sentiment services stop`, or set EMBEDDED_REDIS_PORT back"
-        )
+            return None  # it has just exited
+        address = title.decode(errors="replace").strip().rpartition(" ")[2]
+        port = address.rpartition(":")[2]
+        return int(port) if port.isdigit() else None
+
+    def _refuse_running_elsewhere(self, port: int | None) -> None:
+        """Our folder's server started earlier under another EMBEDDED_REDIS_PORT:
+        a second server on the same append-only file would corrupt it."""
+        if port is not None and port != self.port:
+            raise ConfigError(
+                f"EMBEDDED_REDIS_PORT: the embedded Redis of {self.data_dir} already runs "
+                f"(pid {self._pid()}, 127.0.0.1:{port}), not on port {self.port}; stop it "
+                "first with `sentiment services stop`, or set EMBEDDED_REDIS_PORT back"
+            )
 
     def stop(self) -> None:
         if not self.pidfile.exists():
@@ -437,7 +447,9 @@ def ensure_services(
         pg.start()
     if settings.uses_embedded_redis:
         rd = embedded_redis(settings)
-        if not rd.is_running():
+        # Counted as ours to stop only if no server of our folder runs at all: a
+        # start refused for another port must not stop the one running there.
+        if not rd.is_running() and rd.running_port() is None:
             started.append("redis")
         rd.start()
     return started

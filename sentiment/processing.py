@@ -259,19 +259,23 @@ def _split_keys(keys: Iterable[Any]) -> tuple[list[str], list[datetime | None], 
 
 def _one_pair(keys: Iterable[Any]) -> bool:
     """Whether `keys` is an (id, time) pair rather than two keys: two items, an id
-    first, then something that is not a key (a time, a number)."""
+    first, then a time: a datetime, epoch seconds, or ISO text that no Reddit id
+    looks like (ids are lower case, without - or :). Anything else second is a
+    key of its own, counted as invalid if it is not one."""
     if not (isinstance(keys, list | tuple) and len(keys) == 2 and isinstance(keys[0], str)):
         return False
     second = keys[1]
-    if isinstance(second, list | tuple):
-        return False
-    if isinstance(second, str):
+    if isinstance(second, datetime):
+        return True
+    if isinstance(second, int | float) and not isinstance(second, bool):
+        return True
+    if isinstance(second, str) and (second != second.lower() or "-" in second or ":" in second):
         try:
-            canonical_id(second)
+            to_utc(second)
         except ValueError:
-            return True  # "2026-01-01T00:00:00Z", not an id
-        return False
-    return True
+            return False
+        return True
+    return False
 
 
 def _parse_key(key: Any) -> tuple[str, datetime | None]:

@@ -42,6 +42,7 @@ _ROWS = text(
 # long as collecting it took: a table that takes 2 s to count is counted every
 # 20 s, not every 2 s, while a small one is still counted at every refresh.
 _REUSE_FOR = 10
+_REUSE_AT_MOST_S = 30.0  # and never longer; a failure is never reused
 _last_database: dict[str, tuple[float, dict[str, Any]]] = {}  # url -> (until, the part)
 
 
@@ -64,7 +65,10 @@ def collect_status(
         started = time.monotonic()
         part = {"health": {}, "problems": [], "subreddits": {}}
         _collect_database(settings, part)
-        _last_database[url] = (time.monotonic() + _REUSE_FOR * (time.monotonic() - started), part)
+        took = time.monotonic() - started
+        healthy = part["health"].get("postgres") == "ok"
+        reuse = min(_REUSE_FOR * took, _REUSE_AT_MOST_S) if healthy else 0.0
+        _last_database[url] = (time.monotonic() + reuse, part)
     part = copy.deepcopy(part)
     report["health"].update(part.pop("health"))
     report["problems"].extend(part.pop("problems"))

@@ -178,7 +178,9 @@ def test_the_live_view_reuses_a_slow_database_count_for_a_while(settings, db, re
     from sentiment.sinks.postgres import insert_batch
     from tests.factories import make_events
 
+    monkeypatch.setattr(status, "_last_database", {})
     monkeypatch.setattr(status, "_REUSE_FOR", 10_000)  # times the query's duration
+    monkeypatch.setattr(status, "_REUSE_AT_MOST_S", 3600.0)
     insert_batch(make_events(3, subreddit="stocks"))
     first = status.collect_status(settings, ["stocks"], reuse_database=True)
     insert_batch(make_events(2, subreddit="stocks"))
@@ -192,6 +194,35 @@ def test_the_live_view_reuses_a_slow_database_count_for_a_while(settings, db, re
     assert "last_run_s_ago" not in reused["subreddits"]["stocks"]  # Redis's part is not reused
     assert fresh["subreddits"]["stocks"]["submissions"] == 5
     assert fresh["unprocessed"] == 5
+
+
+def test_the_live_view_asks_again_after_a_failure_and_within_half_a_minute(settings, monkeypatch):
+    # A database that timed out must not be shown down for 10x the timeout; a
+    # count that waited behind a lock must not be shown for 10x that wait.
+    from sentiment import status
+
+    calls: list[int] = []
+
+    def down(settings: object, report: dict) -> None:
+        calls.append(1)
+        report["health"]["postgres"] = "error: timeout"
+
+    monkeypatch.setattr(status, "_last_database", {})
+    monkeypatch.setattr(status, "_REUSE_FOR", 10_000)
+    monkeypatch.setattr(status, "_collect_database", down)
+    status.collect_status(settings, ["stocks"], reuse_database=True)
+    status.collect_status(settings, ["stocks"], reuse_database=True)
+    assert len(calls) == 2  # a failure is not reused
+
+    def slow_but_fine(settings: object, report: dict) -> None:
+        calls.append(1)
+        report["health"]["postgres"] = "ok"
+
+    monkeypatch.setattr(status, "_collect_database", slow_but_fine)
+    monkeypatch.setattr(status, "_REUSE_AT_MOST_S", 0.0)
+    status.collect_status(settings, ["stocks"], reuse_database=True)
+    status.collect_status(settings, ["stocks"], reuse_database=True)
+    assert len(calls) == 4  # reused for at most _REUSE_AT_MOST_S
 
 
 def test_requeue_puts_rows_set_aside_back_in_the_queue(settings, db):
@@ -215,6 +246,18 @@ def test_requeue_puts_rows_set_aside_back_in_the_queue(settings, db):
         assert (
             conn.execute(text("SELECT count(*) FROM raw_events WHERE NOT processed")).scalar() == 5
         )
+
+
+@pytest.mark.parametrize(("host", "pghost"), [("db.example", "db.example"), ("::1", "::1")])
+def test_psql_gets_the_host_as_libpq_wants_it(monkeypatch, host, pghost):
+    # libpq takes brackets off an IPv6 address only in a URI, not in PGHOST.
+    from sentiment.cli import psql_environment
+    from sentiment.config import load_settings
+
+    monkeypatch.setenv("PG_HOST", host)
+    env = psql_environment(load_settings())
+
+    assert (env["PGHOST"], env["PGPORT"]) == (pghost, "5432")
 
 
 def test_psql_opens_the_pipelines_database(settings, db):

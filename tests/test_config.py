@@ -154,6 +154,7 @@ def test_env_example_documents_every_setting_and_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("host", "address"), [
     ("db.example", "db.example:6432"), ("pg_primary", "pg_primary:6432"),
+    ("db.example.com.", "db.example.com.:6432"),
     ("10.0.0.7", "10.0.0.7:6432"), ("::1", "[::1]:6432"), ("[::1]", "[::1]:6432"),
 ])  # fmt: skip
 def test_pg_host_names_and_addresses_make_a_url_that_reaches_them(monkeypatch, host, address):

@@ -96,3 +96,20 @@ def test_the_embedded_postgres_running_on_another_port_is_named_not_waited_for(s
 
     with pytest.raises(ConfigError, match=f"runs on port {settings.embedded_pg_port}"):
         elsewhere.start()
+
+
+def test_a_run_refused_for_another_port_leaves_the_running_redis_alone(first, tmp_path):
+    # ensure_services counts what it started so that a failed start-up stops it
+    # again; a refused start must not count (and so stop) the server already running.
+    from sentiment.config import Settings
+    from sentiment.embedded import ensure_services, stop_services
+
+    elsewhere = Settings(data_dir=first.data_dir, embedded_redis_port=_free_port(),
+                         pg_host="db.example", redis_url=None)  # fmt: skip
+    started: list[str] = []
+    with pytest.raises(ConfigError, match="already runs"):
+        ensure_services(elsewhere, started=started)
+    stop_services(elsewhere, started)
+
+    assert started == []
+    assert first.is_running()

@@ -290,7 +290,12 @@ def test_a_reason_with_a_lone_surrogate_is_stored_cleaned(db):
     assert rows == {events[0].id: "cannot read \ufffd here", events[1].id: None}
 
 
-@pytest.mark.parametrize("keys", ["abc12", ("abc12", "2026-01-01T00:00:00Z")], ids=["str", "pair"])
+@pytest.mark.parametrize(
+    "keys",
+    ["abc12", ("abc12", "2026-01-01T00:00:00Z"), ("abc12", "20260101T000000Z"),
+     ("abc12", 1767225600), ["abc12", datetime(2026, 1, 1, tzinfo=UTC)]],
+    ids=["str", "pair", "basic-format pair", "epoch pair", "datetime pair"],
+)  # fmt: skip
 def test_one_key_instead_of_a_list_of_keys_is_refused(db, keys):
     # Iterated, "abc12" would be five one-letter ids, and one (id, time) pair a bare
     # id that marks every row with that id.
@@ -317,3 +322,15 @@ def test_rows_set_aside_go_back_to_the_queue_when_asked(db):
             ).scalar()
             == 0
         )
+
+
+@pytest.mark.parametrize("second", [None, "", "not an id", {"id": "x"}, "20260101"])
+def test_two_keys_of_which_one_is_bad_still_mark_the_good_one(db, second):
+    # Not a pair: a bad key is counted, the other marked ("20260101" is an id).
+    events = _events(1)
+    insert_batch(events)
+
+    result = mark_processed([events[0].id, second])
+
+    assert result.updated == 1
+    assert result.invalid == (0 if second == "20260101" else 1)

@@ -155,7 +155,12 @@ async def translate_error(  # noqa: PLR0911 - one return per kind of error reads
             "Reddit refused the credentials (401): check REDDIT_CLIENT_ID, REDDIT_CLIENT_SECRET"
             " (and REDDIT_USERNAME / REDDIT_PASSWORD if set)"
         )
-    if status is not None and 400 <= status < 500 and _TOKEN_PATH in url:
+    if (
+        status is not None
+        and 400 <= status < 500
+        and status not in {408, 429}
+        and (_TOKEN_PATH in url)
+    ):
         # About the set-up, not the subreddit: a wrong REDDIT_URL, or a user agent or
         # network that Reddit blocks (it answers those 403).
         return RedditAuthError(

@@ -7,15 +7,16 @@ import gc
 import json
 import math
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from sentiment.config import Settings
+from sentiment.errors import RedditAuthError, RedditRateLimited, RedditUnavailable
 from sentiment.reddit import jsondecode
-from sentiment.reddit.client import make_reddit
+from sentiment.reddit.client import make_reddit, translate_error
 from sentiment.reddit.ratelimit import SharedRateLimiter
 from sentiment.reddit.scraper import scrape_subreddit
 from sentiment.reddit.simulator import Simulator
@@ -176,3 +177,32 @@ def test_a_scrape_decodes_every_page_as_json_loads_would(
 
 
 # -- the limiter's updates ----------------------------------------------------------------------
+
+
+class _TokenRefused(Exception):
+    """asyncprawcore's bare ResponseException for a token request, as auth._post raises it."""
+
+    def __init__(self, status: int) -> None:
+        class Response:
+            url = "https://www.reddit.com/api/v1/access_token"
+            headers: ClassVar[dict[str, str]] = {"retry-after": "7"}
+
+            async def json(self, content_type: object = None) -> object:
+                raise ValueError("not JSON")
+
+        Response.status = status  # type: ignore[attr-defined]
+        self.response = Response()
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "retryable"),
+    [(403, RedditAuthError, False), (404, RedditAuthError, False),
+     (429, RedditRateLimited, True), (408, RedditUnavailable, True)],
+)  # fmt: skip
+def test_a_refused_token_request_is_a_set_up_error_unless_it_says_try_later(
+    status, expected, retryable
+):
+    error = asyncio.run(translate_error(_TokenRefused(status), "stocks"))
+
+    assert type(error) is expected
+    assert error.retryable is retryable
