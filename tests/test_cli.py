@@ -255,9 +255,10 @@ def test_psql_gets_the_host_as_libpq_wants_it(monkeypatch, host, pghost):
     from sentiment.config import load_settings
 
     monkeypatch.setenv("PG_HOST", host)
+    monkeypatch.setenv("PG_PORT", "6432")
     env = psql_environment(load_settings())
 
-    assert (env["PGHOST"], env["PGPORT"]) == (pghost, "5432")
+    assert (env["PGHOST"], env["PGPORT"]) == (pghost, "6432")
 
 
 def test_psql_opens_the_pipelines_database(settings, db):
