@@ -208,7 +208,7 @@ class Settings(BaseSettings):
         host = value.strip().removeprefix("[").removesuffix("]")
         with contextlib.suppress(ValueError):
             return str(ipaddress.ip_address(host))
-        if _HOST_RE.fullmatch(host):
+        if _HOST_RE.fullmatch(host) and not re.fullmatch(r"[\d.]+", host):  # not "10.0.0.7."
             return host
         if re.fullmatch(r"[^:/@\s]+:\d+", host):
             raise ValueError("must be a host name or address without a port; "

@@ -370,7 +370,9 @@ class EmbeddedRedis:
             return 0
 
     def running_port(self) -> int | None:
-        """The port our folder's server runs on (None if none runs), answering or not."""
+        """The port our folder's server runs on, answering or not: None if none runs,
+        0 if one runs whose port its title does not show (yet: Redis writes its
+        pidfile before it sets its title "<binary> 127.0.0.1:<port>")."""
         pid = self._pid()
         if not (pid and self._is_ours(pid)):
             return None
@@ -380,15 +382,16 @@ class EmbeddedRedis:
             return None  # it has just exited
         address = title.decode(errors="replace").strip().rpartition(" ")[2]
         port = address.rpartition(":")[2]
-        return int(port) if port.isdigit() else None
+        return int(port) if port.isdigit() and ":" in address else 0
 
     def _refuse_running_elsewhere(self, port: int | None) -> None:
         """Our folder's server started earlier under another EMBEDDED_REDIS_PORT:
         a second server on the same append-only file would corrupt it."""
         if port is not None and port != self.port:
+            where = f"127.0.0.1:{port}" if port else "a port its title does not show"
             raise ConfigError(
                 f"EMBEDDED_REDIS_PORT: the embedded Redis of {self.data_dir} already runs "
-                f"(pid {self._pid()}, 127.0.0.1:{port}), not on port {self.port}; stop it "
+                f"(pid {self._pid()}, {where}), not on port {self.port}; stop it "
                 "first with `sentiment services stop`, or set EMBEDDED_REDIS_PORT back"
             )
 

@@ -40,7 +40,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
@@ -259,23 +259,25 @@ def _split_keys(keys: Iterable[Any]) -> tuple[list[str], list[datetime | None], 
 
 def _one_pair(keys: Iterable[Any]) -> bool:
     """Whether `keys` is an (id, time) pair rather than two keys: two items, an id
-    first, then a time: a datetime, epoch seconds, or ISO text that no Reddit id
-    looks like (ids are lower case, without - or :). Anything else second is a
-    key of its own, counted as invalid if it is not one."""
+    first, then a time: a date or datetime, epoch seconds, text with - or : (no
+    Reddit id has them), or upper-case text that reads as an ISO time (ids are
+    lower case). Anything else second is a key of its own, counted as invalid if
+    it is not one."""
     if not (isinstance(keys, list | tuple) and len(keys) == 2 and isinstance(keys[0], str)):
         return False
     second = keys[1]
-    if isinstance(second, datetime):
-        return True
-    if isinstance(second, int | float) and not isinstance(second, bool):
-        return True
-    if isinstance(second, str) and (second != second.lower() or "-" in second or ":" in second):
+    if isinstance(second, str):
+        if "-" in second or ":" in second:
+            return True
+        if second == second.lower():
+            return False  # an id, or a bad key to count
         try:
             to_utc(second)
         except ValueError:
             return False
         return True
-    return False
+    # A date or datetime, or epoch seconds.
+    return isinstance(second, date | int | float) and not isinstance(second, bool)
 
 
 def _parse_key(key: Any) -> tuple[str, datetime | None]:

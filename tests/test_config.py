@@ -63,6 +63,7 @@ def test_subreddits_without_an_interval_take_scrape_interval_seconds(monkeypatch
         ("PG_HOST", "db:5432", "PG_HOST: must be a host name or address without a port"),
         ("PG_HOST", "user@db", "PG_HOST: must be a host name or address"),
         ("PG_HOST", "/var/run/postgresql", "PG_HOST: must be a host name or address"),
+        ("PG_HOST", "10.0.0.7.", "PG_HOST: must be a host name or address"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, value, message):

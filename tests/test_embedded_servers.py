@@ -113,3 +113,28 @@ def test_a_run_refused_for_another_port_leaves_the_running_redis_alone(first, tm
 
     assert started == []
     assert first.is_running()
+
+
+def test_our_folders_redis_whose_port_cannot_be_read_is_not_started_again(tmp_path):
+    # A redis-server of our folder whose title shows no port yet (it writes its
+    # pidfile before it sets its title): refuse, and do not count it as started.
+    from sentiment.config import Settings
+    from sentiment.embedded import ensure_services
+
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    sleeper = subprocess.Popen(["/x/redis-server", "60"], executable="/bin/sleep", cwd=folder)
+    try:
+        (folder / "redis.pid").write_text(f"{sleeper.pid}\n")
+        settings = Settings(data_dir=tmp_path, embedded_redis_port=_free_port(),
+                            pg_host="db.example", redis_url=None)  # fmt: skip
+        started: list[str] = []
+
+        with pytest.raises(ConfigError, match="already runs"):
+            ensure_services(settings, started=started)
+
+        assert started == []
+        assert not EmbeddedRedis(tmp_path, settings.embedded_redis_port).is_running()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -293,8 +293,10 @@ def test_a_reason_with_a_lone_surrogate_is_stored_cleaned(db):
 @pytest.mark.parametrize(
     "keys",
     ["abc12", ("abc12", "2026-01-01T00:00:00Z"), ("abc12", "20260101T000000Z"),
-     ("abc12", 1767225600), ["abc12", datetime(2026, 1, 1, tzinfo=UTC)]],
-    ids=["str", "pair", "basic-format pair", "epoch pair", "datetime pair"],
+     ("abc12", 1767225600), ["abc12", datetime(2026, 1, 1, tzinfo=UTC)],
+     ("abc12", "2026-01-01 00:00:00 UTC"), ("abc12", date(2026, 1, 1))],
+    ids=["str", "pair", "basic-format pair", "epoch pair", "datetime pair",
+         "unparsable time", "date pair"],
 )  # fmt: skip
 def test_one_key_instead_of_a_list_of_keys_is_refused(db, keys):
     # Iterated, "abc12" would be five one-letter ids, and one (id, time) pair a bare
