@@ -52,8 +52,8 @@ def collect_status(
     """A snapshot of the pipeline; each part says "error" rather than fail the whole.
 
     `reuse_database` (the live view, asking every 2 s) takes the database's part
-    from an earlier call while that is younger than `_REUSE_FOR` times what it
-    cost; Redis's part is always fresh.
+    from an earlier healthy call while that is younger than `_REUSE_FOR` times
+    what it cost (`_REUSE_AT_MOST_S` at most); Redis's part is always fresh.
     """
     names = subreddits or [s.name for s in settings.subreddits]
     report: dict[str, Any] = {

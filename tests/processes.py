@@ -14,6 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".sentiment-test" / "logs"
 
 
+def pid_running(pid: int | str) -> bool:
+    """Whether process `pid` runs: not gone, and not a zombie nobody has reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # the state, after "(name)"
+
+
 class CeleryProcess:
     """A `celery -A sentiment …` child in its own process group, logging to a file."""
 

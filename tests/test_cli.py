@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import _free_port
-from tests.processes import ROOT
+from tests.processes import ROOT, pid_running
 
 
 def _sentiment(
@@ -686,15 +686,15 @@ def test_run_killed_outright_leaves_no_child_behind(settings, db, redis_client, 
         run.wait(timeout=10)
 
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        while time.monotonic() < deadline and any(pid_running(pid) for pid in children):
             time.sleep(0.5)
-        assert not [pid for pid in children if _alive(pid)], "children outlived sentiment run"
+        assert not [pid for pid in children if pid_running(pid)], "children outlived sentiment run"
         assert redis_client.get("sentiment:beat:lock") is None  # beat let go of it
     finally:
         if run.poll() is None:
             run.kill()
         for pid in children:
-            if _alive(pid):
+            if pid_running(pid):
                 os.kill(int(pid), signal.SIGKILL)
         redis_client.delete("sentiment:beat:lock")
 
@@ -724,15 +724,6 @@ def _wait_for_port(port: int) -> float:
         time.sleep(0.5)
     assert _reachable_port(port), "sentiment run did not come up"
     return deadline
-
-
-def _alive(pid: str) -> bool:
-    """Running: not gone, and not a zombie nobody has reaped yet."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _reachable_port(port: int) -> bool:

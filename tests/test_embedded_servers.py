@@ -5,12 +5,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from sentiment.embedded import EmbeddedRedis
 from sentiment.errors import ConfigError
+from tests.processes import pid_running
 
 
 def _free_port() -> int:
@@ -64,15 +64,7 @@ def test_a_stop_under_another_port_setting_still_stops_our_server(first, tmp_pat
 
     assert not first.is_running()
     assert not first.pidfile.exists()
-    assert _gone(pid)
-
-
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie its parent has not reaped yet."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except FileNotFoundError:
-        return True
+    assert not pid_running(pid)
 
 
 def test_a_start_under_another_port_setting_does_not_start_a_second_server_on_our_folder(first):

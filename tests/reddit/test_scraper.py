@@ -29,12 +29,21 @@ def _name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
-def scrape(settings: Settings, subreddit: str, marks: dict[str, Any] | None = None, **kwargs: Any):
-    """One scrape with a fresh client, as a worker would run it."""
+def scrape(
+    settings: Settings,
+    subreddit: str,
+    marks: dict[str, Any] | None = None,
+    *,
+    redis_url: str | None = None,
+    limiter_class: type[SharedRateLimiter] = SharedRateLimiter,
+    **kwargs: Any,
+):
+    """One scrape with a fresh client, as a worker would run it (its limiter on
+    `redis_url`, the test Redis unless given)."""
 
     async def run() -> tuple[ScrapeResult, int]:
-        redis = AsyncRedis.from_url(settings.redis_connection_url())
-        limiter = SharedRateLimiter(
+        redis = AsyncRedis.from_url(redis_url or settings.redis_connection_url())
+        limiter = limiter_class(
             redis,
             settings.reddit_client_id or "",
             limit=settings.reddit_ratelimit_requests,
@@ -161,18 +170,8 @@ def test_redis_gone_from_under_the_limiter_is_a_retryable_outage_not_a_reddit_er
 ):
     simulator.add_subreddit(name := _name("noredis"), submissions=2)
 
-    async def run() -> None:
-        gone = AsyncRedis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
-        limiter = SharedRateLimiter(gone, "id", limit=100, window_seconds=60)
-        reddit = make_reddit(settings, limiter)
-        try:
-            await scrape_subreddit(reddit, name, {}, attempts=2)
-        finally:
-            await reddit.close()
-            await gone.aclose()
-
     with pytest.raises(ServiceUnavailable, match="Redis") as caught:
-        asyncio.run(run())
+        scrape(settings, name, redis_url="redis://127.0.0.1:1/0", attempts=2)  # nothing there
     assert caught.value.retryable
 
 
@@ -185,18 +184,8 @@ def test_redis_lost_while_a_response_is_noted_is_still_a_redis_outage(settings, 
         async def observe(self, headers: Any, *, status: int) -> None:
             raise ServiceUnavailable("Redis (127.0.0.1:1) is unreachable: the shared limiter")
 
-    async def run() -> None:
-        redis = AsyncRedis.from_url(settings.redis_connection_url())
-        limiter = LosesRedisAfterTheResponse(redis, "id", limit=100, window_seconds=60)
-        reddit = make_reddit(settings, limiter)
-        try:
-            await scrape_subreddit(reddit, name, {}, attempts=1)
-        finally:
-            await reddit.close()
-            await redis.aclose()
-
     with pytest.raises(ServiceUnavailable, match="Redis") as caught:
-        asyncio.run(run())
+        scrape(settings, name, limiter_class=LosesRedisAfterTheResponse, attempts=1)
     assert caught.value.retryable
 
 
