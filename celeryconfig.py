@@ -9,9 +9,14 @@ from __future__ import annotations
 from kombu.entity import Exchange, Queue
 
 from sentiment.config import get_settings
+from sentiment.errors import ConfigError
 from sentiment.schedule import build_beat_schedule
 
-_settings = get_settings()
+try:
+    _settings = get_settings()
+except ConfigError as exc:
+    # `celery -A sentiment worker|beat|flower` would print this under a traceback.
+    raise SystemExit(f"error: {exc}") from None
 
 broker_url = _settings.redis_connection_url()
 result_backend = broker_url

@@ -135,6 +135,24 @@ def test_a_bad_setting_stops_a_process_at_start_up_with_the_message(tmp_path):
     assert "SUBREDDITS: 'not a name' is not a valid subreddit name" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["worker", "beat", "flower"])
+def test_a_bad_setting_stops_celery_with_the_message_alone(tmp_path, command):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SUBREDDITS": "ok,not a name"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "sentiment", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: invalid configuration")
+    assert "SUBREDDITS: 'not a name' is not a valid subreddit name" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_env_example_documents_every_setting_and_loads(tmp_path, monkeypatch):
     from sentiment.config import Settings
 

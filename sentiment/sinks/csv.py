@@ -53,9 +53,10 @@ this thread formats the next one, and one directory's failure leaves the
 others committed. Readers wanting no uncommitted tail take LOCK_SH on the
 directory, or read each file only up to its last ``end``.
 
-The ledger is compacted when at least `_COMPACT_AT` commit records are older
-than `KEEP_BATCHES_S`: it is rewritten as one checkpoint (every file's
-committed length) plus the recent records, and renamed over the old one. A
+The ledger is compacted when its first `_COMPACT_AT` commit records (or more)
+are older than `KEEP_BATCHES_S`: it is rewritten as one checkpoint (every file's
+committed length before the records kept) plus the records from the first recent
+one on, and renamed over the old one. A
 batch is remembered for `KEEP_BATCHES_S`, longer than the pipeline keeps a
 batch to re-run (its blob expires after three days).
 """
@@ -374,9 +375,9 @@ def _cells(event: RawEventDTO) -> dict[str, Any] | _Cells:
         return payload  # type: ignore[no-any-return]
     try:
         return _CELLS.decode(event.payload_json)
-    except msgspec.ValidationError:  # JSON, but not an object
-        raise TypeError("not an object") from None
-    except msgspec.DecodeError:  # a number beyond a double, say, or not JSON at all
+    except msgspec.DecodeError:  # not an object, a number beyond a double, or not JSON
+        # (ValidationError is a DecodeError.) The payload's own decoder says which,
+        # and reads an out-of-range number as the database stores it.
         payload = event.payload  # orjson.JSONDecodeError (a ValueError) if not JSON
         if not isinstance(payload, dict):
             raise TypeError("not an object") from None
@@ -642,8 +643,18 @@ def _compact(directory: Path, dir_fd: int, ledger: _Ledger) -> None:
     """Rewrite the ledger as a checkpoint plus its recent records, once enough are old."""
     if ledger.stale < _COMPACT_AT:
         return
+    # Only from the front: records are in file order, but their times follow the
+    # wall clock, which can step back. A stale record after a recent one stays,
+    # else the checkpoint below would end its files before its rows.
     old = time.time() - KEEP_BATCHES_S
-    recent = [line for line in ledger.records if orjson.loads(line)["at"] >= old]
+    stale = 0
+    for line in ledger.records:
+        if orjson.loads(line)["at"] >= old:
+            break
+        stale += 1
+    if stale < _COMPACT_AT:
+        return
+    recent = ledger.records[stale:]
     # The checkpoint holds the lengths as they were before the kept records, so
     # that each kept record still starts where its file's previous end was.
     ends = dict(ledger.ends)

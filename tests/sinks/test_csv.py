@@ -378,6 +378,34 @@ def test_the_ledger_is_compacted_and_remembers_recent_batches(tmp_path, monkeypa
     assert_exactly_once(paths, [e for b in batches.values() for e in b] + [later])
 
 
+def test_a_clock_stepping_back_never_makes_compaction_forget_committed_rows(
+    tmp_path, monkeypatch
+):
+    """Commit records are in file order, but their times follow the wall clock,
+    which may step back (NTP, a VM restored): compaction drops old records only
+    from the front, never a stale record after a recent one."""
+    from sentiment.sinks import csv as sink
+
+    now = 1_000_000_000.0
+    clock = [now]
+    monkeypatch.setattr(sink, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(sink, "_COMPACT_AT", 3)
+    first, stepped_back = [make(at=DAY)], [[make(at=DAY)] for _ in range(3)]
+    export_events(first, csv_dir=tmp_path, batch_id="b0")
+    clock[0] = now - sink.KEEP_BATCHES_S - 3600  # the clock steps back five days
+    for n, events in enumerate(stepped_back, start=1):
+        export_events(events, csv_dir=tmp_path, batch_id=f"b{n}")
+    clock[0] = now  # and forward again: the three look older than any re-run
+    other_day = [make(at=DAY + 24 * HOUR)]
+    export_events(other_day, csv_dir=tmp_path, batch_id="b4")
+    later = [make(at=DAY)]
+
+    assert export_events(later, csv_dir=tmp_path, batch_id="b5").written == 1
+
+    everything = first + [e for events in stepped_back for e in events] + other_day + later
+    assert_exactly_once([day_file(tmp_path), day_file(tmp_path, day="2024-03-02")], everything)
+
+
 def test_a_failed_compaction_keeps_the_commit(tmp_path, monkeypatch, caplog):
     from sentiment.sinks import csv as sink
 
@@ -574,6 +602,23 @@ def test_cells_read_from_payload_json_match_cells_from_the_decoded_payload(tmp_p
     assert from_json.read_bytes() == decoded.read_bytes()
     assert len(read(from_json)) == 4
     assert all(e.peek_payload() is None for e in lazy)  # and nothing decoded them since
+
+
+def test_a_payload_json_with_a_number_beyond_a_double_is_written_as_the_database_stores_it(
+    tmp_path,
+):
+    """Reddit's JSON may hold a number no double can (the database keeps it, the
+    payload reads it as null): the row is written, not refused as "not an object"."""
+    event = RawEventDTO.from_trusted_json(  # as a listing page hands it over
+        id="zz1", occurred_at=DAY, source_id="stocks", event_type="submission",
+        payload_json=b'{"title": "t", "score": 1e400, "author": "a"}',
+    )  # fmt: skip
+
+    result = export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    assert (result.written, result.rejected) == (1, 0)
+    [row] = read(day_file(tmp_path, "stocks"))
+    assert (row["id"], row["title"], row["score"], row["author"]) == ("zz1", "t", "", "a")
 
 
 # -- CSV_DIR checked at start-up ------------------------------------------------
