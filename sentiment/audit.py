@@ -7,16 +7,17 @@ split batch and then fails for good. Two records make that visible:
 `ingested_batches` knows, for 7 days, which rows each batch stored as new, and
 each subreddit's CSV ledger knows which batches it committed.
 
-`export_missing` compares them for the batches between an hour and three
-days old (the ledgers remember a batch for four, so a batch is never written
-twice) whose blob is gone from Redis, and exports what is missing through the
+`export_missing` compares them for the batches between an hour and three and
+a half days old (the ledgers remember a batch for four, so a batch is never
+written twice) whose blob is gone from Redis, and exports what is missing through the
 normal path: `export_events` under the batch's own id. A batch whose blob is
 still there is left to its chain: its insert may still be retrying, or be
 redelivered after a worker died, and store more chunks, and a ledger that
 committed the batch's first chunks under its id would make the chain's own
 export skip the rest. The blob goes when the export has written the batch,
-when the insert fails for good, or when it expires (three days).
-Beat runs it hourly.
+when the insert fails for good, or when it expires (three days: a chain
+that died without letting go of it, with Redis down say, is looked for half a
+day past that). Beat runs it hourly.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from sqlalchemy import text
 from sentiment.config import get_settings
 from sentiment.db import get_engine
 from sentiment.errors import SentimentError
-from sentiment.pipeline import batch_key, get_redis
-from sentiment.sinks.csv import committed_batches, export_events
+from sentiment.pipeline import BATCH_TTL_S, batch_key, get_redis
+from sentiment.sinks.csv import KEEP_BATCHES_S, committed_batches, export_events
 from sentiment.sinks.postgres import stored_new_events
 
 __all__ = ["AuditResult", "export_missing"]
@@ -40,7 +41,10 @@ __all__ = ["AuditResult", "export_missing"]
 log = logging.getLogger(__name__)
 
 _MIN_AGE_S = 3600
-_MAX_AGE_S = 3 * 24 * 3600
+# Past the blob's expiry (a batch whose blob lived at the last look is looked at
+# again once it expired), within what the CSV ledgers remember.
+_MAX_AGE_S = BATCH_TTL_S + 12 * 3600
+assert _MAX_AGE_S < KEEP_BATCHES_S
 
 # Each batch with new rows, and its subreddit (that of its first new row: a
 # batch is one scrape of one subreddit).
@@ -76,7 +80,7 @@ class AuditResult:
 
 
 def export_missing(*, csv_dir: Path | None = None) -> AuditResult:
-    """Export every batch of the last three days (but the last hour) that is stored
+    """Export every batch of the last 3.5 days (but the last hour) that is stored
     in PostgreSQL, missing from its subreddit's CSV ledger, and no longer held by a
     chain (its blob is gone from Redis)."""
     csv_dir = csv_dir or get_settings().csv_dir

@@ -290,7 +290,7 @@ def set_aside(self: Task, keys: list[Any], reason: str) -> dict[str, int]:
 
 @app.task(name="sentiment.tasks.export_missing")
 def export_missing() -> dict[str, int]:
-    """Export the batches of the last three days that are stored but not in CSV."""
+    """Export the batches of the last 3.5 days that are stored but not in CSV."""
     return audit.export_missing().summary()
 
 

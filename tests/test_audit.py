@@ -131,3 +131,24 @@ def test_a_batch_whose_insert_failed_for_good_is_exported_once_its_blob_is_gone(
     result = export_missing(csv_dir=csv_dir)
     assert (result.missing, result.rows_written, result.in_flight) == (1, 5, 0)
     assert sorted(_csv_ids(csv_dir)) == sorted(e.id for e in events[:5])
+
+
+def test_a_batch_whose_chain_died_is_exported_once_its_blob_expires(db, csv_dir, redis_client):
+    """The chain died without letting go of its blob (Redis down when it failed):
+    the batch is in flight while the blob lives, and still looked for after it
+    expires, three days on."""
+    from sentiment import pipeline
+    from sentiment.audit import export_missing
+
+    events = make_events(6, subreddit="stocks")
+    key = pipeline.stash_batch(events, "abandoned")
+    insert_batch(events, batch_id="abandoned")
+    _age(db, "abandoned", hours=2)
+    assert export_missing(csv_dir=csv_dir).in_flight == 1
+
+    redis_client.delete(key)  # as its expiry does, three days after the scrape
+    _age(db, "abandoned", hours=pipeline.BATCH_TTL_S // 3600 + 1)
+    result = export_missing(csv_dir=csv_dir)
+
+    assert (result.missing, result.rows_written, result.in_flight) == (1, 6, 0)
+    assert sorted(_csv_ids(csv_dir)) == sorted(e.id for e in events)
