@@ -28,6 +28,7 @@ from typing import Any
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Task, chain
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import text
@@ -178,8 +179,11 @@ def insert_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     position = {event.key: index for index, event in enumerate(events)}
     # Only now, with the rows committed, may the scraper move past them.
     pipeline.advance_watermarks(batch["subreddit"], batch["watermarks"])
-    pipeline.release_scrape_lock(batch["subreddit"], batch.pop("lock", None))
-    return {**batch, **result.summary(), "new": sorted(position[e.key] for e in result.new)}
+    pipeline.release_scrape_lock(batch["subreddit"], batch.get("lock"))
+    # `batch` is the message's argument, which a retry sends again: left whole, and
+    # the token not handed on (the export has no lock to let go of).
+    passed_on = {key: value for key, value in batch.items() if key != "lock"}
+    return {**passed_on, **result.summary(), "new": sorted(position[e.key] for e in result.new)}
 
 
 class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
@@ -258,6 +262,8 @@ def retry_exports() -> dict[str, int]:
                 _export(batch)
         except pipeline.BatchExpired:
             lost = True
+        except SoftTimeLimitExceeded:
+            raise  # out of time: the rest stay parked for the next run
         except Exception as exc:  # noqa: BLE001 - one export's trouble must not stop the others
             log.warning("r/%s: a parked CSV export still fails: %s", name, exc)
             counts["failing"] += 1

@@ -443,6 +443,35 @@ def test_an_export_that_fails_for_good_is_parked_and_retried_once_the_disk_is_ba
     assert sorted(_csv_ids(blocked)) == sorted(stored)
 
 
+def test_an_insert_retried_after_its_lock_release_failed_still_releases_the_lock(
+    db, redis_client, monkeypatch
+):
+    """A retry runs the message's arguments again: the insert must not have taken
+    the lock's token out of them (else the subreddit stays locked for the TTL)."""
+    import redis.exceptions
+
+    batch = _big_batch(5)
+    batch["lock"] = pipeline.acquire_scrape_lock(batch["subreddit"], ttl_s=600)
+    real_release = pipeline.release_scrape_lock
+    calls = []
+
+    def release_once_failing(subreddit, token):
+        calls.append(token)
+        if len(calls) == 1:
+            raise redis.exceptions.ConnectionError("Redis went away")
+        real_release(subreddit, token)
+
+    monkeypatch.setattr(pipeline, "release_scrape_lock", release_once_failing)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        insert_batch(batch)  # in a worker: autoretry, with this same argument
+
+    result = insert_batch(batch)
+
+    assert calls[1] == calls[0] is not None
+    assert pipeline.acquire_scrape_lock(batch["subreddit"], ttl_s=60) is not None
+    assert "lock" not in result  # the token is not handed on down the chain
+
+
 def test_an_export_whose_batch_is_gone_reads_its_new_rows_from_postgres(db, redis_client, csv_dir):
     batch = _big_batch(40)
     inserted = insert_batch(batch)  # run here, in this process
@@ -455,6 +484,29 @@ def test_an_export_whose_batch_is_gone_reads_its_new_rows_from_postgres(db, redi
     assert sorted(_csv_ids(csv_dir)) == sorted(_stored_ids(db))
     assert export_csv(inserted)["exported"] == 40  # a redelivery: found in the ledger
     assert len(_csv_ids(csv_dir)) == 40
+
+
+def test_retry_exports_stops_at_its_soft_time_limit(db, redis_client, monkeypatch):
+    """Not counted as one failing export and carried on until the hard limit kills
+    the process in the middle of a write."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from sentiment import tasks
+
+    for _ in range(2):
+        pipeline.park_export(_big_batch(2) | {"new": [0, 1]})
+    attempts = []
+
+    def out_of_time(batch):
+        attempts.append(batch["batch_id"])
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(tasks, "_export", out_of_time)
+    with pytest.raises(SoftTimeLimitExceeded):
+        tasks.retry_exports()
+
+    assert len(attempts) == 1
+    assert len(pipeline.parked_exports()) == 2  # both still parked for the next run
 
 
 def test_a_parked_export_whose_batch_expired_is_reported_lost(db, redis_client, caplog):
