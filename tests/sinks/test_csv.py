@@ -378,9 +378,7 @@ def test_the_ledger_is_compacted_and_remembers_recent_batches(tmp_path, monkeypa
     assert_exactly_once(paths, [e for b in batches.values() for e in b] + [later])
 
 
-def test_a_clock_stepping_back_never_makes_compaction_forget_committed_rows(
-    tmp_path, monkeypatch
-):
+def test_a_clock_stepping_back_never_makes_compaction_forget_committed_rows(tmp_path, monkeypatch):
     """Commit records are in file order, but their times follow the wall clock,
     which may step back (NTP, a VM restored): compaction drops old records only
     from the front, never a stale record after a recent one."""
