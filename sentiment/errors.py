@@ -71,8 +71,12 @@ class RedditRateLimited(RedditError):
     retryable = True
 
     def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
+        # Both in args: Celery's result backend and pickle rebuild an error from them.
+        super().__init__(message, retry_after)
         self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class RedditAuthError(RedditError):

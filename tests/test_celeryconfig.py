@@ -53,3 +53,25 @@ def test_a_crashed_worker_loses_no_task():
     assert conf.broker_connection_retry_on_startup is True
     visibility = conf.broker_transport_options["visibility_timeout"]
     assert visibility > conf.task_time_limit > conf.task_soft_time_limit
+
+
+def test_every_pipeline_error_comes_back_from_the_result_backend_as_itself():
+    """What `.get()` raises is rebuilt from the stored type and args: an error whose
+    constructor takes more than its message came back as a bare Exception."""
+    import pickle
+
+    from sentiment import errors
+
+    classes = [getattr(errors, name) for name in errors.__all__]
+    samples = [
+        errors.RedditRateLimited("Reddit rate limit hit while scraping r/x", 12.5)
+        if cls is errors.RedditRateLimited
+        else cls(f"{cls.__name__} happened")
+        for cls in classes
+    ]
+    for error in samples:
+        stored = app.backend.prepare_exception(error)
+        for back in (app.backend.exception_to_python(stored), pickle.loads(pickle.dumps(error))):
+            assert type(back) is type(error)
+            assert str(back) == str(error)
+            assert vars(back) == vars(error)
