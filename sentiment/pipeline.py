@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -76,12 +77,23 @@ __all__ = [
     "unpark_export",
 ]
 
+log = logging.getLogger(__name__)
+
 BATCH_TTL_S = 3 * 24 * 3600  # outlives any retry schedule; a crashed chain's blob still expires
 PARKED_EXPORTS_KEY = "sentiment:exports:parked"  # hash: batch_id -> export_csv's argument
 MAINTENANCE_KEY = "sentiment:maintenance"  # hash: job -> its last outcome (JSON)
 _FAILING_BASE_S = 300
 _FAILING_MAX_S = 6 * 3600
 
+# Free, or held by an earlier delivery of the same task (ARGV[3], its id and ':').
+_TAKE_SCRAPE_LOCK = """
+local held = redis.call('GET', KEYS[1])
+local ours = held and ARGV[3] ~= '' and string.sub(held, 1, #ARGV[3]) == ARGV[3]
+if held and not ours then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ours then return 2 end
+return 1
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -317,10 +329,21 @@ def failing_key(subreddit: str) -> str:
     return f"sentiment:failing:{subreddit}"
 
 
-def acquire_scrape_lock(subreddit: str, ttl_s: int) -> str | None:
-    """A token if this scrape may run, None if another holds the subreddit."""
-    token = uuid.uuid4().hex
-    return token if get_redis().set(scrape_lock_key(subreddit), token, nx=True, ex=ttl_s) else None
+def acquire_scrape_lock(subreddit: str, ttl_s: int, *, task_id: str | None = None) -> str | None:
+    """A token if this scrape may run, None if another holds the subreddit.
+
+    A lock taken under the same `task_id` is taken back: it belongs to an
+    earlier delivery of this very message, whose process died (a redelivery
+    comes only then, or after the visibility timeout, which outlasts any run),
+    or to an attempt of it that could not let go before its retry.
+    """
+    owner = f"{task_id}:" if task_id else ""
+    token = f"{owner}{uuid.uuid4().hex}"
+    taken = get_redis().eval(_TAKE_SCRAPE_LOCK, 1, scrape_lock_key(subreddit), token, ttl_s, owner)
+    if int(taken) == 2:
+        log.warning("r/%s: taking back the scrape lock of an earlier delivery of task %s "
+                    "(its worker died)", subreddit, task_id)  # fmt: skip
+    return token if int(taken) else None
 
 
 def release_scrape_lock(subreddit: str, token: str | None) -> None:

@@ -105,7 +105,9 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     if reason := pipeline.failing_reason(name):
         log.info("skipping r/%s: %s", name, reason)
         return {"subreddit": name, "skipped": f"r/{name} is marked failing: {reason}"}
-    token = pipeline.acquire_scrape_lock(name, ttl_s=_settings.task_soft_time_limit * 3)
+    token = pipeline.acquire_scrape_lock(
+        name, ttl_s=_settings.task_soft_time_limit * 3, task_id=self.request.id
+    )
     if token is None:
         log.info("skipping r/%s: another scrape of it is in progress", name)
         return {"subreddit": name, "skipped": f"another scrape of r/{name} is in progress"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,39 @@ def test_an_overlapping_scrape_is_refused(worker, simulator):
     assert result == {"subreddit": name, "skipped": f"another scrape of r/{name} is in progress"}
     pipeline.release_scrape_lock(name, token)
     assert scrape.delay(name).get(timeout=60)["inserted"] == 3
+
+
+def test_a_scrape_whose_worker_died_mid_fetch_runs_again_when_redelivered(
+    worker_factory, simulator, db, redis_client, csv_dir
+):
+    """The worker died holding the subreddit's scrape lock; Redis hands the same
+    message out again. That delivery takes its own task's lock back and scrapes,
+    instead of answering "in progress" for a run that is dead (and every beat
+    scrape after it, until the lock's TTL)."""
+    name = _unique_subreddit("diedfetch")
+    simulator.add_subreddit(name, submissions=3, comments=4)
+    simulator.inject_fault("delay", delay=20, count=2, subreddit=name)  # both first pages hang
+    worker = worker_factory()
+    result = scrape.delay(name)
+    deadline = time.monotonic() + 30
+    while not redis_client.exists(pipeline.scrape_lock_key(name)):
+        assert time.monotonic() < deadline, "the scrape never started"
+        time.sleep(0.05)
+
+    # The OOM killer's usual pick: the pool process, not the worker. The worker
+    # requeues the task at once (task_reject_on_worker_lost), well inside the TTL
+    # of the lock the dead process holds.
+    pool = subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True,
+                          text=True, check=True).stdout.split()  # fmt: skip
+    for pid in pool:
+        os.kill(int(pid), signal.SIGKILL)
+    summary = result.get(timeout=60)
+
+    assert "skipped" not in summary
+    assert summary["inserted"] == summary["exported"] == 7
+    other = pipeline.acquire_scrape_lock(name, ttl_s=60)  # and it let go of the lock
+    assert other is not None
+    assert scrape.delay(name).get(timeout=30)["skipped"].startswith("another scrape")
 
 
 @pytest.mark.parametrize("arriving", [(5, 12), (30, 70)], ids=["fewer", "as-many"])
