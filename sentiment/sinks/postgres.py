@@ -220,6 +220,13 @@ def stored_new_events(batch_id: str, *, engine: Engine | None = None) -> list[Ra
     ]  # fmt: skip
 
 
+# What a record can be to blame for: bad data (SQLSTATE class 22: a NUL in jsonb, a
+# value out of range) or a broken constraint (class 23). Anything else (no
+# privilege, a missing table, the server going away) is no record's fault: the
+# batch fails whole, and retries, instead of every record being quarantined.
+_RECORD_REFUSED = (psycopg.DataError, psycopg.IntegrityError)
+
+
 @contextlib.contextmanager
 def _pooled(engine: Engine) -> Iterator[Any]:
     """A pooled connection (`driver_connection` is psycopg's). A server that is down, or
@@ -300,9 +307,7 @@ def _store_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
             # writer): only the stage path can tell which rows are new.
             batch.copy_first = False
             _log_path(first, last, "stage", f"direct COPY met stored rows ({type(exc).__name__})")
-        except psycopg.OperationalError:
-            raise
-        except psycopg.Error as exc:
+        except _RECORD_REFUSED as exc:
             # A record the database refuses: the stage path finds and quarantines it.
             _log_path(first, last, "stage", f"direct COPY refused ({type(exc).__name__})")
         else:
@@ -383,9 +388,7 @@ def _stage_chunk(conn: psycopg.Connection[Any], batch: _Batch, first: int, last:
         with conn.transaction():
             new_keys = _copy_and_insert(conn, chunk)
             _record(conn, batch, first, last, new_keys, rejected=0)
-    except psycopg.OperationalError:
-        raise
-    except psycopg.Error as exc:
+    except _RECORD_REFUSED as exc:
         if len(chunk) == 1:
             with conn.transaction():
                 _reject(conn, chunk[0], exc)

@@ -142,6 +142,33 @@ def test_poison_record_is_quarantined_and_the_rest_stored(db):
     assert "bad\\u0000byte" in rejected.record
 
 
+@pytest.mark.parametrize("errcode", ["insufficient_privilege", "undefined_table"])
+def test_an_error_that_is_not_the_records_fault_quarantines_nothing(db, errcode):
+    """A worker role without INSERT on raw_events, a stage table a pooler lost:
+    every record fails alike, and none of them is to blame. Quarantining them all
+    would report the batch stored (its watermarks move on) with nothing in it."""
+    events = make_events(30)
+    with db.begin() as conn:
+        conn.execute(text(f"""
+            CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{errcode}'; END $$;
+            CREATE TRIGGER refuse_all BEFORE INSERT ON raw_events
+                FOR EACH ROW EXECUTE FUNCTION refuse_all();
+        """))  # fmt: skip
+    try:
+        with pytest.raises(psycopg.ProgrammingError, match="refused"):
+            insert_batch(events, batch_id="not-their-fault")
+    finally:
+        with db.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_all ON raw_events; DROP FUNCTION refuse_all()"))
+
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM rejected_events")).scalar() == 0
+    assert _stored_keys(db) == []
+    stored = insert_batch(events, batch_id="not-their-fault")  # once the cause is gone
+    assert sorted(e.key for e in stored.new) == sorted(e.key for e in events)
+
+
 def test_two_poison_records_in_a_large_batch(db):
     good = make_events(500)
     bad = [make_poison(event_id=f"bad{i}") for i in range(2)]
