@@ -272,9 +272,10 @@ def _check_in_scratch_database(settings: Settings, config: Config) -> None:
     from alembic import command
 
     name = f"{settings.pg_db}_check_{uuid.uuid4().hex[:6]}"
+    quoted = '"' + name.replace('"', '""') + '"'  # PG_DB is a name, whatever it holds
     admin = create_engine(settings.database_url(), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f"CREATE DATABASE {quoted}"))
     scratch = create_engine(make_url(settings.database_url()).set(database=name))
     try:
         with scratch.connect() as conn:
@@ -284,7 +285,7 @@ def _check_in_scratch_database(settings: Settings, config: Config) -> None:
     finally:
         scratch.dispose()
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            conn.execute(text(f"DROP DATABASE {quoted} WITH (FORCE)"))
         admin.dispose()
 
 

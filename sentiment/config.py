@@ -42,6 +42,7 @@ SIMULATOR_CLIENT_ID = "simulator"
 _SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
 # A DNS name or a compose service name (which may hold underscores), maybe with
 # its root dot; not digits and dots alone ("10.0.0.7." is no address and no name).
+_ENCODE = "percent-encode : / ? # @ in the password (%3A %2F %3F %23 %40)"
 _HOST_RE = re.compile(r"(?![\d.]+$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?\.?")
 _INTERVAL_RE = re.compile(r"^[1-9]\d*\s*(second|minute|hour|day|week)s?$")
 
@@ -189,15 +190,19 @@ class Settings(BaseSettings):
             return value
         if "://" not in value.get_secret_value():  # redis-py takes an empty host as localhost
             raise ValueError("names no host, e.g. redis://:password@localhost:6379/0")
+        # No piece of the URL goes into these messages: with a password left
+        # unencoded, the "port" or "path" is part of the password.
+        if "@" in value.get_secret_value().split("://", 1)[1][len(parts.netloc) :]:
+            raise ValueError(f"has an @ after its host part: the password holds / ? or # as it "
+                             f"is; {_ENCODE}")  # fmt: skip
         try:
             port = parts.port
         except ValueError:
-            text = parts.netloc.rpartition(":")[2]
-            if text.isdigit():
-                raise ValueError(f"port {text} is out of range (1-65535)") from None
-            raise ValueError(f"port {text!r} is not a number") from None
+            digits = parts.netloc.rpartition(":")[2].isdigit()
+            problem = "is out of range (1-65535)" if digits else "is not a number"
+            raise ValueError(f"the port {problem}; {_ENCODE}") from None
         if port == 0:
-            raise ValueError("port 0 is out of range (1-65535)")
+            raise ValueError("the port is out of range (1-65535)")
         return value
 
     @field_validator("pg_host")
@@ -238,7 +243,7 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("reddit_user_agent", "csv_dir", "data_dir", mode="before")
+    @field_validator("reddit_user_agent", "csv_dir", "data_dir", "pg_user", "pg_db", mode="before")
     @classmethod
     def _not_blank(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -318,7 +323,8 @@ class Settings(BaseSettings):
             if password
             else quote(self.pg_user, safe="")
         )
-        return f"postgresql+{driver}://{auth}@{self.postgres_address}/{self.pg_db}"
+        database = quote(self.pg_db, safe="")  # a name, never more of the URL (?host=…)
+        return f"postgresql+{driver}://{auth}@{self.postgres_address}/{database}"
 
     def redis_connection_url(self) -> str:
         """Broker URL. Contains the password: never log it."""
@@ -330,7 +336,9 @@ class Settings(BaseSettings):
     def redis_address(self) -> str:
         """host:port of Redis, or its socket path; never the password."""
         parts = urlsplit(self.redis_connection_url())
-        return f"{parts.hostname}:{parts.port or 6379}" if parts.hostname else parts.path
+        if parts.scheme == "unix":
+            return parts.path
+        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"  # redis-py's defaults
 
     def safe_summary(self) -> dict[str, str]:
         """Where things are, with every secret left out, for logs and `sentiment status`."""
@@ -338,10 +346,16 @@ class Settings(BaseSettings):
         return {
             "postgres": f"{pg}/{self.pg_db} as {self.pg_user}",
             "redis": "embedded" if self.redis_url is None else self.redis_address,
-            "reddit": self.reddit_oauth_url,
+            "reddit": _without_credentials(self.reddit_oauth_url),
             "subreddits": ",".join(s.name for s in self.subreddits) or "(none)",
             "csv_dir": str(self.csv_dir),
         }
+
+
+def _without_credentials(url: str) -> str:
+    """`url` without a user or password (a proxy's, say) before its host."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _describe(error: ValidationError) -> str:

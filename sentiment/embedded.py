@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psycopg2
 import redis
+from psycopg2 import sql
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -243,14 +244,16 @@ class EmbeddedPostgres:
             host="127.0.0.1", port=self.port, user="postgres", dbname="postgres"
         )
         conn.autocommit = True
+        user = sql.Identifier(self.user)  # names from PG_USER / PG_DB, quoted as names
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.user,))
                 if cur.fetchone() is None:
-                    cur.execute(f'CREATE ROLE "{self.user}" LOGIN SUPERUSER')
+                    cur.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER").format(user))
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
                 if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
+                    cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(self.database), user))  # fmt: skip
         finally:
             conn.close()
 

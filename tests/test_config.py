@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,10 +57,12 @@ def test_subreddits_without_an_interval_take_scrape_interval_seconds(monkeypatch
         ("STORAGE_LAYOUT", "mongo", "STORAGE_LAYOUT: Input should be 'auto', 'timescaledb' or"),
         ("RETENTION_DAYS", "0", "RETENTION_DAYS: Input should be greater than or equal to 1"),
         ("RETENTION_DAYS", "a month", "RETENTION_DAYS: Input should be a valid integer"),
-        ("REDIS_URL", "redis://localhost:99999/0", "REDIS_URL: port 99999 is out of range"),
-        ("REDIS_URL", "redis://localhost:abc/0", "REDIS_URL: port 'abc' is not a number"),
+        ("REDIS_URL", "redis://localhost:99999/0", "REDIS_URL: the port is out of range"),
+        ("REDIS_URL", "redis://localhost:abc/0", "REDIS_URL: the port is not a number"),
         ("REDIS_URL", "redis:localhost", "REDIS_URL: names no host"),
-        ("REDIS_URL", "redis://localhost:0/0", "REDIS_URL: port 0 is out of range"),
+        ("REDIS_URL", "redis://localhost:0/0", "REDIS_URL: the port is out of range"),
+        ("PG_DB", "", "PG_DB: must not be empty"),
+        ("PG_USER", " ", "PG_USER: must not be empty"),
         ("PG_HOST", "db:5432", "PG_HOST: must be a host name or address without a port"),
         ("PG_HOST", "user@db", "PG_HOST: must be a host name or address"),
         ("PG_HOST", "/var/run/postgresql", "PG_HOST: must be a host name or address"),
@@ -186,6 +189,45 @@ def test_pg_host_names_and_addresses_make_a_url_that_reaches_them(monkeypatch, h
     assert settings.postgres_address == address
     url = make_url(settings.database_url())
     assert (url.host, url.port) == (address.rpartition(":")[0].strip("[]"), 6432)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:hunter2/Zq9w@redis.internal:6379/0",  # a / in the password: the rest is a path
+    "redis://default:S3cr3tPw#x7Q@redis.internal:6379/0",  # a #: the rest is a fragment
+    "redis://:98765/secret@redis.internal:6379/0",
+    "redis://:1234/Secr3t@redis.internal:6379/0",  # looked like localhost:1234, no password
+    "redis://:12345#tail@redis.internal/0",
+])  # fmt: skip
+def test_a_redis_password_left_unencoded_is_refused_without_showing_it(monkeypatch, url):
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+
+    message = str(refused.value)
+    assert "REDIS_URL:" in message and "percent-encode" in message
+    secret = url.split("://", 1)[1].split("redis.internal")[0].removeprefix("default")
+    assert all(part not in message for part in re.split(r"[:/#@]", secret) if part)
+
+
+def test_where_settings_point_is_shown_without_credentials(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@/0")  # redis-py's localhost
+    monkeypatch.setenv("REDDIT_OAUTH_URL", "https://proxyuser:proxypw@proxy.example:8443/")
+    monkeypatch.setenv("PG_HOST", "db.example")
+    monkeypatch.setenv("PG_DB", "sentiment?host=evil.example")
+    settings = load_settings()
+
+    shown = str(settings.safe_summary()) + settings.redis_address
+    assert "proxypw" not in shown and "proxyuser" not in shown
+    assert settings.redis_address == "localhost:6379"
+    assert settings.safe_summary()["reddit"] == "https://proxy.example:8443"
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url())  # a name is a name, not more URL
+    assert (url.host, url.database, dict(url.query)) == (
+        "db.example",
+        "sentiment?host=evil.example",
+        {},
+    )
 
 
 def test_a_redis_url_without_a_host_means_localhost_as_in_redis_py(monkeypatch):
