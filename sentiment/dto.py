@@ -40,7 +40,8 @@ EventType = Literal["submission", "comment"]
 
 _ID_RE = re.compile(r"^[0-9a-z]{1,16}$")
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
-_INT64 = 2**63
+# The integers orjson encodes; beyond them a payload keeps the number as text.
+_INT_MIN, _INT_END = -(2**63), 2**64
 _NUL_ESCAPE = b"\\u0000"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -66,7 +67,7 @@ def _clean_value(value: Any) -> Any:  # noqa: PLR0911 - one return per JSON type
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
-        return value if -_INT64 <= value < _INT64 else str(value)
+        return value if _INT_MIN <= value < _INT_END else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     return clean_text(str(value))
@@ -98,10 +99,26 @@ def clean_json(payload: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         encoded = orjson.dumps(payload)
     except (TypeError, orjson.JSONEncodeError):
         encoded = b""
-    if encoded and _NUL_ESCAPE not in encoded:
+    # orjson writes NaN and infinities as null: then the payload must say so too.
+    if encoded and _NUL_ESCAPE not in encoded and not (b"null" in encoded and _nonfinite(payload)):
         return payload, _trimmed(encoded)
     cleaned = _clean_value(payload)
     return cleaned, _trimmed(orjson.dumps(cleaned))
+
+
+def _nonfinite(value: Any) -> bool:
+    """Whether a NaN or an infinity is anywhere in `value`."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 def _trimmed(encoded: bytes) -> bytes:
@@ -118,6 +135,8 @@ def _trimmed(encoded: bytes) -> bytes:
 
 def canonical_id(value: Any) -> str:
     """Reddit's base36 id, lower case, without a `t1_`/`t3_` fullname prefix."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{value!r} is not a Reddit base36 id")
     text = str(value).strip().lower()
     if text[:3] in {"t1_", "t3_"}:
         text = text[3:]
@@ -130,14 +149,17 @@ def to_utc(value: Any) -> datetime:
     """An aware UTC datetime from a datetime (naive means UTC), ISO 8601 text or epoch seconds."""
     if isinstance(value, bool):
         raise ValueError("occurred_at must be a datetime, an ISO string or epoch seconds")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError("occurred_at must be a finite epoch timestamp")
-        return datetime.fromtimestamp(value, tz=UTC)
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        if isinstance(value, int | float):
+            if not math.isfinite(value):
+                raise ValueError("occurred_at must be a finite epoch timestamp")
+            return datetime.fromtimestamp(value, tz=UTC)
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, OSError):  # beyond what a datetime (or time_t) holds in UTC
+        raise ValueError(f"occurred_at {value!r} is out of range") from None
     raise ValueError("occurred_at must be a datetime, an ISO string or epoch seconds")
 
 
@@ -169,7 +191,9 @@ class RawEventDTO(BaseModel):
     @field_validator("source_id", mode="before")
     @classmethod
     def _check_source_id(cls, value: Any) -> str:
-        return valid_subreddit(str(value))
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a subreddit name")
+        return valid_subreddit(value)
 
     # "plain": the validator's result is the value. In "before" mode pydantic would
     # validate it again, a key-by-key copy of the dict clean_json just returned
@@ -180,7 +204,10 @@ class RawEventDTO(BaseModel):
     def _check_payload(cls, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise ValueError("payload must be a JSON object")
-        return clean_json(value)[0]
+        try:
+            return clean_json(value)[0]
+        except (TypeError, RecursionError) as exc:  # nested too deep, or not JSON at all
+            raise ValueError(f"payload cannot be stored as JSON: {exc}") from None
 
     @property
     def key(self) -> tuple[str, datetime]:

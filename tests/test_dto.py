@@ -19,6 +19,13 @@ from sentiment.reddit.jsondecode import decode_json
 from sentiment.sinks.postgres import insert_batch
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _event(**overrides):
     fields = {
         "id": "abc123",
@@ -57,6 +64,15 @@ def test_subreddit_is_canonical_and_fullname_prefix_dropped():
         ("payload", ["a", "list"]),
         ("occurred_at", float("nan")),
         ("occurred_at", True),
+        # Beyond what a datetime holds: a clear error, not a bare OverflowError.
+        ("occurred_at", 1e20),
+        ("occurred_at", "0001-01-01T00:30:00+01:00"),
+        ("occurred_at", "9999-12-31T23:59:59-01:00"),
+        # Not an id or a name: not the text "none" or "true".
+        ("id", None),
+        ("id", True),
+        ("source_id", None),
+        ("payload", {"deep": _nested(300)}),  # deeper than JSON encoders go
     ],
 )
 def test_bad_fields_are_refused_with_the_field_named(field, value):
@@ -77,6 +93,22 @@ def test_nul_lone_surrogates_huge_ints_and_nan_are_cleaned():
         "body": "half \ufffd of an emoji",
         "nested": [{"x": "\ufffd"}, str(2**70), None, None, True, None, 1.5],
     }
+
+
+@pytest.mark.parametrize("dirty", [
+    {"score": float("-inf"), "ratio": float("nan")},  # alone: the JSON still says null
+    {"score": float("inf"), "title": "a\x00b"},
+])  # fmt: skip
+def test_a_payload_and_its_json_agree_on_what_json_cannot_hold(dirty):
+    event = _event(payload=dirty)
+    assert orjson.loads(event.payload_json) == event.payload
+    assert event.payload["score"] is None
+
+
+def test_a_big_integer_is_kept_alike_with_or_without_a_nul_elsewhere():
+    plain = _event(payload={"n": 2**63}).payload
+    with_nul = _event(payload={"n": 2**63, "title": "a\x00b"}).payload
+    assert plain["n"] == with_nul["n"] == 2**63
 
 
 def test_clean_payload_is_left_as_is():

@@ -67,6 +67,7 @@ import contextlib
 import fcntl
 import gc
 import logging
+import math
 import os
 import re
 import tempfile
@@ -109,7 +110,7 @@ _COMPACT_AT = 1024
 _HEADER = (",".join(COLUMNS) + "\r\n").encode()
 _FORMULA_START = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
 _ID_RE = re.compile(r"[0-9a-z]{1,16}")
-_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # ASCII digits: \d takes any script's
 _EVENT_TYPES = frozenset({"submission", "comment"})
 _REDDIT = "https://www.reddit.com"
 _THREADS = 8
@@ -399,7 +400,9 @@ def _text(value: Any) -> str:
 
 
 def _score(value: Any) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value)
+    ):
         return str(value)  # a number, even a negative one, is not a formula
     if isinstance(value, str) and _NUMBER_RE.fullmatch(value):  # a huge int the DTO made a string
         return value

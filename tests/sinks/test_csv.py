@@ -139,6 +139,20 @@ def test_formula_cells_are_neutralised(tmp_path, trigger):
     assert orjson.loads(row["payload"])["title"] == value  # the raw JSON keeps the original
 
 
+@pytest.mark.parametrize(("score", "cell"), [
+    (float("-inf"), "'-inf"),  # not a number a spreadsheet reads: text, neutralised
+    ("-\u0663\u0664", "'-\u0663\u0664"),  # Arabic-Indic digits: not a number either
+])  # fmt: skip
+def test_a_score_that_is_not_a_plain_number_is_text_and_neutralised(tmp_path, score, cell):
+    valid = make()
+    event = RawEventDTO.model_construct(**(vars(valid) | {"payload": {"score": score}}))
+
+    export_events([event], csv_dir=tmp_path, batch_id="b1")
+
+    (row,) = read(day_file(tmp_path))
+    assert row["score"] == cell
+
+
 def test_harmless_text_is_left_alone(tmp_path):
     event = make(title="a=b+c-d@e", selftext=" =not a formula", score="-12345678901234567890")
 
