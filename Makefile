@@ -42,6 +42,9 @@ migrate: $(STAMP) ## apply migrations (alembic upgrade head)
 services-stop: $(STAMP) ## stop the embedded PostgreSQL and Redis
 	$(BIN)/sentiment services stop
 
-clean: ## remove the virtualenv and the embedded servers' data
+# The test suite's and the benchmarks' servers stop by themselves; in case one was cut short:
+clean: ## stop the embedded servers; remove .venv, .sentiment, .sentiment-test, .sentiment-bench
 	-$(BIN)/sentiment services stop
-	rm -rf $(VENV) .sentiment .sentiment-test
+	-DATA_DIR=.sentiment-test EMBEDDED_PG_PORT=54339 EMBEDDED_REDIS_PORT=63809 $(BIN)/sentiment services stop
+	-DATA_DIR=.sentiment-bench EMBEDDED_PG_PORT=54359 EMBEDDED_REDIS_PORT=63829 $(BIN)/sentiment services stop
+	rm -rf $(VENV) .sentiment .sentiment-test .sentiment-bench

@@ -345,10 +345,15 @@ def services_stop() -> None:
     console.print("embedded services stopped")
 
 
+_SIMULATOR_SUBREDDITS_HELP = (
+    "comma-separated subreddits to serve (default: SUBREDDITS, else the five `make run` scrapes)"
+)
+
+
 @app.command()
 def simulator(
     port: Annotated[int, typer.Option(min=1, max=65535, help="port on 127.0.0.1")] = 8765,
-    subreddits: Annotated[str, typer.Option(help="comma-separated subreddits to serve")] = "",
+    subreddits: Annotated[str, typer.Option(help=_SIMULATOR_SUBREDDITS_HELP)] = "",
     growth: Annotated[float, typer.Option(help="new items per second per subreddit")] = 2.0,
     rpm: Annotated[
         int | None, typer.Option(help="requests per minute per client (none: unlimited)")
@@ -359,14 +364,28 @@ def simulator(
     ] = "simulator",
 ) -> None:
     """Serve the Reddit-compatible simulator until Ctrl-C."""
+    from sentiment.config import parse_subreddits
     from sentiment.embedded import port_taken
     from sentiment.reddit.simulator import run_simulator
+    from sentiment.runner import DEMO_SUBREDDITS
 
     if port_taken(port):
         _fail(f"port {port} is in use; choose another with --port")
-    names = [s.strip() for s in subreddits.split(",") if s.strip()] or [
-        s.name for s in get_settings().subreddits
-    ]
+    configured = [s.name for s in get_settings().subreddits]
+    names = (
+        [s.strip() for s in subreddits.split(",") if s.strip()]
+        or configured
+        or [s.name for s in parse_subreddits(DEMO_SUBREDDITS, default_interval=60)]
+    )
+
+    def ready(line: str) -> None:
+        base = f"http://127.0.0.1:{port}"
+        console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"serving r/{', r/'.join(names)}", highlight=False, soft_wrap=True)
+        console.print(f"point the pipeline at it: REDDIT_CLIENT_ID={client_id} "
+                      f"REDDIT_CLIENT_SECRET={client_secret} REDDIT_OAUTH_URL={base} "
+                      f"REDDIT_URL={base}", highlight=False, soft_wrap=True)  # fmt: skip
+
     run_simulator(
         port=port,
         subreddits=names,
@@ -374,6 +393,7 @@ def simulator(
         rpm=rpm,
         client_id=client_id,
         client_secret=client_secret,
+        on_ready=ready,
     )
 
 

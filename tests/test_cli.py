@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -552,6 +554,51 @@ def test_simulator_refuses_a_port_that_is_taken(settings):
     shown = " ".join(result.stdout.split())
     assert f"error: port {port} is in use; choose another with --port" in shown
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_simulator_alone_serves_the_demo_subreddits_and_says_how_to_use_it(settings):
+    """With no SUBREDDITS and no --subreddits it used to serve nothing at all."""
+    import base64
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from sentiment.runner import DEMO_SUBREDDITS
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sentiment.cli", "simulator", "--port", str(port)],
+        cwd=ROOT, env={**os.environ, "SUBREDDITS": ""}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while not any("REDDIT_URL=" in line for line in lines):  # printed once it listens
+            assert time.monotonic() < deadline, f"no usage line: {lines}"
+            time.sleep(0.1)
+        said = " ".join(lines)
+        assert f"REDDIT_OAUTH_URL={base}" in said and f"REDDIT_URL={base}" in said
+        auth = base64.b64encode(b"simulator:simulator").decode()
+        token_request = urllib.request.Request(
+            f"{base}/api/v1/access_token", method="POST",
+            data=urllib.parse.urlencode({"grant_type": "client_credentials"}).encode(),
+            headers={"Authorization": f"Basic {auth}"},
+        )  # fmt: skip
+        with urllib.request.urlopen(token_request, timeout=10) as response:
+            token = json.load(response)["access_token"]
+        for entry in DEMO_SUBREDDITS.split(","):
+            name = entry.partition(":")[0]
+            about = urllib.request.Request(
+                f"{base}/r/{name}/about", headers={"Authorization": f"Bearer {token}"}
+            )
+            with urllib.request.urlopen(about, timeout=10) as response:
+                assert json.load(response)["data"]["display_name"].lower() == name
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def test_reddit_check_reports_each_subreddit(settings, simulator):
