@@ -79,7 +79,8 @@ def parse_subreddits(raw: str | list[Any], default_interval: int) -> list[Subred
         name, _, interval = str(item).strip().partition(":")
         seconds = default_interval
         if interval:
-            if not interval.strip().isdigit() or not 10 <= int(interval) <= MAX_INTERVAL_S:
+            digits = re.fullmatch(r"[0-9]+", interval.strip())  # ASCII: isdigit() takes '²'
+            if not digits or not 10 <= int(interval) <= MAX_INTERVAL_S:
                 raise ValueError(
                     f"interval {interval!r} for {name!r} must be a whole number of seconds from "
                     f"10 to {MAX_INTERVAL_S} (a week), e.g. wallstreetbets:60"
@@ -243,6 +244,13 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("reddit_user_agent")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if not value.isprintable():  # a CR or LF would end the header and start another
+            raise ValueError("must be one line of printable text (no control characters)")
+        return value
+
     @field_validator("reddit_user_agent", "csv_dir", "data_dir", "pg_user", "pg_db", mode="before")
     @classmethod
     def _not_blank(cls, value: Any) -> Any:
@@ -275,6 +283,13 @@ class Settings(BaseSettings):
                 "REDDIT_USERNAME and REDDIT_PASSWORD for the password grant; none of them: "
                 "the local simulator)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_ports_differ(self) -> Settings:
+        if self.embedded_pg_port == self.embedded_redis_port:
+            raise ValueError(f"EMBEDDED_PG_PORT and EMBEDDED_REDIS_PORT are both "
+                             f"{self.embedded_pg_port}: give them different ports")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -375,6 +390,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except UnicodeDecodeError as exc:  # only a file is read as bytes: .env
+        env_file = Settings.model_config.get("env_file")
+        raise ConfigError(f"{env_file} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "save it as UTF-8") from None  # fmt: skip
 
 
 @lru_cache(maxsize=1)

@@ -96,6 +96,11 @@ def test_a_bad_value_names_the_variable_and_what_to_fix(monkeypatch, variable, v
         ({"REDDIT_USER_AGENT": " "}, "  REDDIT_USER_AGENT: must not be empty"),
         ({"CSV_DIR": ""}, "  CSV_DIR: must not be empty"),
         ({"DATA_DIR": ""}, "  DATA_DIR: must not be empty"),
+        ({"SUBREDDITS": "wsb:10\u00b2"}, "  SUBREDDITS: interval '10\u00b2' for 'wsb' must be"),
+        ({"EMBEDDED_PG_PORT": "63799", "EMBEDDED_REDIS_PORT": "63799"},
+         "EMBEDDED_PG_PORT and EMBEDDED_REDIS_PORT are both 63799"),
+        ({"REDDIT_USER_AGENT": "bot 1.0\r\nX-Injected: 1"},
+         "  REDDIT_USER_AGENT: must be one line of printable text"),
         ({"CELERY_VISIBILITY_TIMEOUT": "300", "TASK_SOFT_TIME_LIMIT": "600",
           "RETRY_BACKOFF_MAX": "120"}, "\n  CELERY_VISIBILITY_TIMEOUT (300s) must exceed"),
     ],
@@ -107,6 +112,13 @@ def test_settings_that_only_make_sense_together(monkeypatch, given, message):
         load_settings()
     assert message in str(caught.value)
     assert "(settings)" not in str(caught.value)
+
+
+def test_an_env_file_that_is_not_utf8_names_itself(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(b"SUBREDDITS=b\xf6rse\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=r"\.env is not UTF-8 text .*byte 12"):
+        load_settings()
 
 
 def test_secrets_never_show_in_repr_or_summary(monkeypatch):
