@@ -5,14 +5,38 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from celery import Celery
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from sentiment.errors import ConfigError
+from sentiment.errors import ConfigError, ServiceUnavailable
 
-__all__ = ["app"]
+__all__ = ["PipelineTask", "app"]
 
-app = Celery("sentiment", include=["sentiment.tasks"])
+
+class PipelineTask(Task):  # type: ignore[misc]  # celery is untyped
+    """Every task of the pipeline: an outage (or a lock or statement timeout) that
+    outlasts its retries ends it as `ServiceUnavailable`, naming the server and
+    what it said.
+
+    SQLAlchemy's and redis-py's own errors cannot be rebuilt from the result
+    backend (their constructors take more than a message): `.get()` raised a
+    bare Exception holding their repr. Autoretry runs inside this call, so a
+    retry still sees the original error.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+            said = exc.orig if exc.orig is not None else exc
+            raise ServiceUnavailable(f"PostgreSQL: {said}") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ServiceUnavailable(f"Redis: {exc}") from exc
+
+
+app = Celery("sentiment", include=["sentiment.tasks"], task_cls=PipelineTask)
 app.config_from_object("celeryconfig")
 
 

@@ -34,7 +34,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import text
 
 from sentiment import audit, pipeline, processing, retention
-from sentiment.celery_app import app
+from sentiment.celery_app import PipelineTask, app
 from sentiment.config import get_settings, valid_subreddit
 from sentiment.db import get_engine, lock_raw_events
 from sentiment.errors import (
@@ -153,7 +153,7 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
     return self.replace(chain(insert_batch.s(batch), export_csv.s()))  # type: ignore[no-any-return]
 
 
-class _InsertTask(Task):  # type: ignore[misc]  # celery is untyped
+class _InsertTask(PipelineTask):
     """insert_batch: an insert that fails for good lets go of its batch.
 
     The scrape lock goes, so the next scrape of the subreddit fetches the items
@@ -188,7 +188,7 @@ def insert_batch(self: Task, batch: dict[str, Any]) -> dict[str, Any]:
     return {**passed_on, **result.summary(), "new": sorted(position[e.key] for e in result.new)}
 
 
-class _ExportTask(Task):  # type: ignore[misc]  # celery is untyped
+class _ExportTask(PipelineTask):
     """export_csv: an export that fails for good is parked for `retry_exports`."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...],

@@ -23,6 +23,7 @@ from celery import chain
 from sqlalchemy import text
 
 from sentiment import pipeline
+from sentiment.errors import ServiceUnavailable
 from sentiment.tasks import export_csv, insert_batch, mark_processed, scrape, set_aside
 from tests.conftest import _free_port, wait_for_a_lock_wait
 from tests.factories import make_events
@@ -241,7 +242,6 @@ def test_the_partition_keeper_steps_back_from_an_open_claim(db, timescale):
     """Creating a day's partition takes raw_events whole. Behind a sentiment worker's
     long claim it used to wait up to the 30 s lock_timeout, every insert queued
     behind it; now it waits a moment and its task retries later."""
-    import sqlalchemy.exc
 
     from sentiment.db import MAINTENANCE_LOCK_WAIT_S
     from sentiment.processing import claim_unprocessed
@@ -268,7 +268,7 @@ def test_the_partition_keeper_steps_back_from_an_open_claim(db, timescale):
     with ThreadPoolExecutor(2) as pool:
         worker_claim = pool.submit(sentiment_worker)
         assert claimed.wait(10)
-        with pytest.raises(sqlalchemy.exc.OperationalError, match="lock timeout"):
+        with pytest.raises(ServiceUnavailable, match=r"PostgreSQL: .*lock timeout"):
             keep_partitions()  # retried by Celery: OperationalError is transient
         assert not worker_claim.done()  # it gave up while the claim was still open
         release.set()
@@ -496,7 +496,7 @@ def test_an_insert_retried_after_its_lock_release_failed_still_releases_the_lock
         real_release(subreddit, token)
 
     monkeypatch.setattr(pipeline, "release_scrape_lock", release_once_failing)
-    with pytest.raises(redis.exceptions.ConnectionError):
+    with pytest.raises(ServiceUnavailable, match="Redis went away"):
         insert_batch(batch)  # in a worker: autoretry, with this same argument
 
     result = insert_batch(batch)
@@ -848,3 +848,34 @@ def test_a_failed_scrape_lets_go_of_its_lock_and_says_why_and_shrugs_if_redis_is
     with caplog.at_level(logging.WARNING):
         tasks._let_go(name, "token", error="ServiceUnavailable: Redis")  # logged, not raised
     assert f"r/{name}: could not release the scrape lock" in caplog.text
+
+
+def test_an_outage_that_outlasts_the_retries_reaches_get_as_service_unavailable(monkeypatch):
+    """SQLAlchemy's and redis-py's errors cannot be rebuilt from the result backend
+    (`.get()` raised a bare Exception holding their repr): a task hands on an
+    outage as ServiceUnavailable, naming the server and what it said."""
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    from sentiment import processing
+    from sentiment.celery_app import app
+
+    outages = {
+        "PostgreSQL": sqlalchemy.exc.OperationalError(
+            "UPDATE raw_events", {}, Exception("connection refused")
+        ),
+        "Redis": redis.exceptions.ConnectionError("Error 111 connecting to localhost:6379"),
+    }
+    for server, outage in outages.items():
+
+        def down(keys, error=outage):
+            raise error
+
+        monkeypatch.setattr(processing, "mark_processed", down)
+        with pytest.raises(ServiceUnavailable) as raised:
+            mark_processed([["abc", "2024-03-01T00:00:00Z"]])  # retried in a worker; then this
+
+        back = app.backend.exception_to_python(app.backend.prepare_exception(raised.value))
+        assert type(back) is ServiceUnavailable
+        assert str(back).startswith(f"{server}: ")
+        assert str(outage.orig if server == "PostgreSQL" else outage) in str(back)
