@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sentiment.config import Settings, get_settings
-from sentiment.errors import ConfigError, SentimentError
+from sentiment.errors import ConfigError, SentimentError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -436,7 +436,14 @@ def main() -> None:  # pragma: no cover - console entry point
     import sqlalchemy.exc
 
     try:
-        app()
+        try:
+            app()
+        except ServiceUnavailable as exc:  # a task's body run here: what it met, with the hints
+            outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                      redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # fmt: skip
+            if isinstance(exc.__cause__, outage):
+                raise exc.__cause__ from None
+            raise
     except SentimentError as exc:  # ours: the message says what to do
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)

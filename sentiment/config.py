@@ -193,7 +193,10 @@ class Settings(BaseSettings):
             raise ValueError("names no host, e.g. redis://:password@localhost:6379/0")
         # No piece of the URL goes into these messages: with a password left
         # unencoded, the "port" or "path" is part of the password.
-        if "@" in value.get_secret_value().split("://", 1)[1][len(parts.netloc) :]:
+        rest = value.get_secret_value().split("://", 1)[1][len(parts.netloc) :]
+        path, _, query = rest.partition("?")
+        query, _, fragment = query.partition("#")
+        if "@" in path or "@" in fragment or "@" in query.partition("=")[0]:
             raise ValueError(f"has an @ after its host part: the password holds / ? or # as it "
                              f"is; {_ENCODE}")  # fmt: skip
         try:

@@ -100,25 +100,15 @@ def clean_json(payload: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     except (TypeError, orjson.JSONEncodeError):
         encoded = b""
     # orjson writes NaN and infinities as null: then the payload must say so too.
-    if encoded and _NUL_ESCAPE not in encoded and not (b"null" in encoded and _nonfinite(payload)):
+    # (Most payloads hold a null; decoding and comparing is the cheap check.)
+    if (
+        encoded
+        and _NUL_ESCAPE not in encoded
+        and (b"null" not in encoded or orjson.loads(encoded) == payload)
+    ):
         return payload, _trimmed(encoded)
     cleaned = _clean_value(payload)
     return cleaned, _trimmed(orjson.dumps(cleaned))
-
-
-def _nonfinite(value: Any) -> bool:
-    """Whether a NaN or an infinity is anywhere in `value`."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return False
 
 
 def _trimmed(encoded: bytes) -> bytes:

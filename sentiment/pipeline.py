@@ -64,6 +64,7 @@ __all__ = [
     "failing_reason",
     "fetch",
     "get_redis",
+    "hand_over_scrape_lock",
     "load_batch",
     "mark_failing",
     "park_export",
@@ -85,13 +86,21 @@ MAINTENANCE_KEY = "sentiment:maintenance"  # hash: job -> its last outcome (JSON
 _FAILING_BASE_S = 300
 _FAILING_MAX_S = 6 * 3600
 
-# Free, or held by an earlier delivery of the same task (ARGV[3], its id and ':').
+# Free, or held by an earlier delivery of the same task: the value is ARGV[3] (its
+# id and ':') and a uuid, nothing more (a task 'a' must not take task 'a:b''s).
 _TAKE_SCRAPE_LOCK = """
 local held = redis.call('GET', KEYS[1])
 local ours = held and ARGV[3] ~= '' and string.sub(held, 1, #ARGV[3]) == ARGV[3]
+             and not string.find(held, ':', #ARGV[3] + 1, true)
 if held and not ours then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ours then return 2 end
+return 1
+"""
+# Ours (ARGV[1]): becomes ARGV[2], the TTL going on.
+_HAND_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """
 _RELEASE = """
@@ -333,17 +342,26 @@ def acquire_scrape_lock(subreddit: str, ttl_s: int, *, task_id: str | None = Non
     """A token if this scrape may run, None if another holds the subreddit.
 
     A lock taken under the same `task_id` is taken back: it belongs to an
-    earlier delivery of this very message, whose process died (a redelivery
-    comes only then, or after the visibility timeout, which outlasts any run),
-    or to an attempt of it that could not let go before its retry.
+    earlier delivery of this very message, whose process died (or whose worker
+    lost the broker, which hands the message out again), or to an attempt of it
+    that could not let go before its retry. Once the scrape has sent its chain
+    the lock is the chain's (`hand_over_scrape_lock`): no delivery takes it back.
     """
     owner = f"{task_id}:" if task_id else ""
     token = f"{owner}{uuid.uuid4().hex}"
     taken = get_redis().eval(_TAKE_SCRAPE_LOCK, 1, scrape_lock_key(subreddit), token, ttl_s, owner)
     if int(taken) == 2:
-        log.warning("r/%s: taking back the scrape lock of an earlier delivery of task %s "
-                    "(its worker died)", subreddit, task_id)  # fmt: skip
+        log.warning("r/%s: taking back the scrape lock of an earlier delivery of task %s (its "
+                    "process died, or its worker lost the broker)", subreddit, task_id)  # fmt: skip
     return token if int(taken) else None
+
+
+def hand_over_scrape_lock(subreddit: str, token: str) -> str | None:
+    """The lock, now under a token no delivery of the scrape task can take back (its
+    chain holds it from here to the insert's commit); None if it is not ours."""
+    chains = uuid.uuid4().hex
+    handed = get_redis().eval(_HAND_OVER, 1, scrape_lock_key(subreddit), token, chains)
+    return chains if int(handed) else None
 
 
 def release_scrape_lock(subreddit: str, token: str | None) -> None:

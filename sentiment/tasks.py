@@ -139,6 +139,9 @@ def scrape(self: Task, subreddit: str) -> dict[str, Any]:
             raise self.retry(exc=exc, countdown=countdown, expires=None) from exc
         raise
     pipeline.clear_failing(name)
+    # From here the chain holds the lock: a redelivery of this message (the ack
+    # may yet be lost) must not take it back while the insert runs.
+    token = pipeline.hand_over_scrape_lock(name, token) or token
     batch = {
         **result.summary(),
         "batch": ref,

@@ -209,6 +209,7 @@ def test_pg_host_names_and_addresses_make_a_url_that_reaches_them(monkeypatch, h
     "redis://:98765/secret@redis.internal:6379/0",
     "redis://:1234/Secr3t@redis.internal:6379/0",  # looked like localhost:1234, no password
     "redis://:12345#tail@redis.internal/0",
+    "redis://:ab?cd@redis.internal:6379/0",  # a ?: the rest is a query whose first key has @
 ])  # fmt: skip
 def test_a_redis_password_left_unencoded_is_refused_without_showing_it(monkeypatch, url):
     monkeypatch.setenv("REDIS_URL", url)
@@ -219,6 +220,17 @@ def test_a_redis_password_left_unencoded_is_refused_without_showing_it(monkeypat
     assert "REDIS_URL:" in message and "percent-encode" in message
     secret = url.split("://", 1)[1].split("redis.internal")[0].removeprefix("default")
     assert all(part not in message for part in re.split(r"[:/#@]", secret) if part)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://cache:6379/0?client_name=me@example",  # an @ in a query value is no password's
+    "rediss://cache:6380/0?ssl_ca_certs=/etc/ssl/ca@corp.pem",
+    "redis://user:p%40ss%2Fw%3Frd@cache:6379/0",  # percent-encoded, as it should be
+    "redis://[::1]:6379/0",
+])  # fmt: skip
+def test_valid_redis_urls_are_accepted(monkeypatch, url):
+    monkeypatch.setenv("REDIS_URL", url)
+    assert load_settings().redis_connection_url() == url
 
 
 def test_where_settings_point_is_shown_without_credentials(monkeypatch):

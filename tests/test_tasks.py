@@ -165,6 +165,30 @@ def test_a_scrape_whose_worker_died_mid_fetch_runs_again_when_redelivered(
     assert scrape.delay(name).get(timeout=30)["skipped"].startswith("another scrape")
 
 
+def test_a_scrape_takes_back_only_its_own_lock_and_not_once_its_chain_holds_it(redis_client):
+    """A delivery of the same task takes back a lock its earlier delivery left; not
+    another task's (even one whose id starts with this one's), and not the lock
+    once the scrape handed it to its chain (a redelivery after the chain was sent
+    would run beside the chain's insert)."""
+    name = _unique_subreddit("lockowner")
+    dead = pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="task-1")
+    assert dead is not None
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="task-2") is None
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="task") is None
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60) is None
+    again = pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="task-1")
+    assert again is not None and again != dead
+
+    chains = pipeline.hand_over_scrape_lock(name, again)
+
+    assert chains is not None and not chains.startswith("task-1")
+    assert 50 < redis_client.ttl(pipeline.scrape_lock_key(name)) <= 60  # the TTL goes on
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="task-1") is None
+    assert pipeline.hand_over_scrape_lock(name, again) is None  # not ours any more
+    pipeline.release_scrape_lock(name, chains)
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="task-3") is not None
+
+
 @pytest.mark.parametrize("arriving", [(5, 12), (30, 70)], ids=["fewer", "as-many"])
 def test_a_redelivered_scrape_is_a_new_batch(worker, simulator, db, csv_dir, arriving):
     """The worker died after `scrape` sent its chain, before the ack: Redis hands the
