@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +119,13 @@ def test_our_folders_redis_whose_port_cannot_be_read_is_not_started_again(tmp_pa
     folder.mkdir()
     sleeper = subprocess.Popen(["/x/redis-server", "60"], executable="/bin/sleep", cwd=folder)
     try:
+        # Popen returns once the child execs (vfork), a moment before the kernel
+        # shows its new command line: until then /proc says it is nobody's Redis.
+        title = Path(f"/proc/{sleeper.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while b"redis-server" not in title.read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         (folder / "redis.pid").write_text(f"{sleeper.pid}\n")
         settings = Settings(data_dir=tmp_path, embedded_redis_port=_free_port(),
                             pg_host="db.example", redis_url=None)  # fmt: skip
