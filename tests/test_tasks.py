@@ -165,6 +165,15 @@ def test_a_scrape_whose_worker_died_mid_fetch_runs_again_when_redelivered(
     assert scrape.delay(name).get(timeout=30)["skipped"].startswith("another scrape")
 
 
+def test_a_task_whose_id_starts_another_tasks_lock_does_not_take_it(redis_client):
+    name = _unique_subreddit("lockprefix")
+    held = pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="t:x")  # ids are free text
+    assert held is not None
+
+    assert pipeline.acquire_scrape_lock(name, ttl_s=60, task_id="t") is None
+    assert redis_client.get(pipeline.scrape_lock_key(name)).decode() == held
+
+
 def test_a_scrape_takes_back_only_its_own_lock_and_not_once_its_chain_holds_it(redis_client):
     """A delivery of the same task takes back a lock its earlier delivery left; not
     another task's (even one whose id starts with this one's), and not the lock
