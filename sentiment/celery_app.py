@@ -5,12 +5,11 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-import redis.exceptions
-import sqlalchemy.exc
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from sentiment.errors import ConfigError, ServiceUnavailable
+from sentiment.outages import POSTGRES_DOWN, REDIS_DOWN
 
 __all__ = ["PipelineTask", "app"]
 
@@ -29,10 +28,10 @@ class PipelineTask(Task):  # type: ignore[misc]  # celery is untyped
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        except POSTGRES_DOWN as exc:
             said = exc.orig if exc.orig is not None else exc
             raise ServiceUnavailable(f"PostgreSQL: {said}") from exc
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             raise ServiceUnavailable(f"Redis: {exc}") from exc
 
 

@@ -432,22 +432,23 @@ def reddit_check() -> None:
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    import redis.exceptions
-    import sqlalchemy.exc
+    from sentiment.outages import POSTGRES_DOWN, REDIS_DOWN
 
     try:
-        try:
-            app()
-        except ServiceUnavailable as exc:  # a task's body run here: what it met, with the hints
-            outage = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-                      redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # fmt: skip
-            if isinstance(exc.__cause__, outage):
-                raise exc.__cause__ from None
-            raise
-    except SentimentError as exc:  # ours: the message says what to do
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        app()
+    except (SentimentError, *POSTGRES_DOWN, *REDIS_DOWN) as exc:
+        console.print(f"[red]error:[/red] {_explained(exc)}", highlight=False)
         sys.exit(1)
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+
+
+def _explained(exc: BaseException) -> str:
+    """One line for an error that stops a command: ours say what to do; an outage
+    (also one a task's body run here hands on as ServiceUnavailable) gets the
+    server's address and the settings to check."""
+    from sentiment.outages import POSTGRES_DOWN, REDIS_DOWN
+
+    met = exc.__cause__ if isinstance(exc, ServiceUnavailable) else exc
+    if isinstance(met, POSTGRES_DOWN):
         settings = get_settings()
         check = (
             "Check PG_HOST, PG_PORT, PG_USER, PG_PASSWORD and PG_DB."
@@ -455,14 +456,12 @@ def main() -> None:  # pragma: no cover - console entry point
             else "No PG_HOST is set, so this is the embedded server: start it with "
             "`sentiment services start` (it listens on EMBEDDED_PG_PORT)."
         )
-        console.print(f"[red]error:[/red] PostgreSQL ({settings.postgres_address}): "
-                      f"{_first_line(exc.orig or exc)}. {check}", highlight=False)  # fmt: skip
-        sys.exit(1)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        console.print(f"[red]error:[/red] Redis ({get_settings().redis_address}): "
-                      f"{_first_line(exc)}. Check REDIS_URL (unset: the embedded server).",
-                      highlight=False)  # fmt: skip
-        sys.exit(1)
+        return (f"PostgreSQL ({settings.postgres_address}): "
+                f"{_first_line(met.orig or met)}. {check}")  # fmt: skip
+    if isinstance(met, REDIS_DOWN):
+        return (f"Redis ({get_settings().redis_address}): {_first_line(met)}. "
+                "Check REDIS_URL (unset: the embedded server).")  # fmt: skip
+    return str(exc)
 
 
 def _first_line(exc: BaseException) -> str:

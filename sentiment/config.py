@@ -40,9 +40,9 @@ SIMULATOR_CLIENT_ID = "simulator"
 # characters (a few legacy names are 2 long, e.g. r/de). Nothing else can reach
 # a file path or a URL.
 _SUBREDDIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{1,20}$")
+_ENCODE = "percent-encode : / ? # @ in the password (%3A %2F %3F %23 %40)"
 # A DNS name or a compose service name (which may hold underscores), maybe with
 # its root dot; not digits and dots alone ("10.0.0.7." is no address and no name).
-_ENCODE = "percent-encode : / ? # @ in the password (%3A %2F %3F %23 %40)"
 _HOST_RE = re.compile(r"(?![\d.]+$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_])?\.?")
 _INTERVAL_RE = re.compile(r"^[1-9]\d*\s*(second|minute|hour|day|week)s?$")
 

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
-import sqlalchemy.exc
 from celery import Task, chain
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
@@ -43,6 +42,7 @@ from sentiment.errors import (
     ServiceUnavailable,
     SubredditUnavailable,
 )
+from sentiment.outages import POSTGRES_DOWN, REDIS_DOWN
 from sentiment.sinks import csv as csv_sink
 from sentiment.sinks import postgres as pg_sink
 
@@ -62,13 +62,7 @@ log: logging.Logger = get_task_logger(__name__)
 _settings = get_settings()
 
 # Failures that pass: the database, Redis or the disk is back in a while.
-_TRANSIENT = (
-    ServiceUnavailable,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-)
+_TRANSIENT = (ServiceUnavailable, *POSTGRES_DOWN, *REDIS_DOWN)
 _RETRY = {
     "autoretry_for": _TRANSIENT,
     "retry_backoff": 2,

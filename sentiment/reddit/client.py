@@ -159,7 +159,7 @@ async def translate_error(  # noqa: PLR0911 - one return per kind of error reads
         status is not None
         and 400 <= status < 500
         and status not in {408, 429}
-        and (_TOKEN_PATH in url)
+        and _TOKEN_PATH in url
     ):
         # About the set-up, not the subreddit: a wrong REDDIT_URL, or a user agent or
         # network that Reddit blocks (it answers those 403).
@@ -184,7 +184,7 @@ async def translate_error(  # noqa: PLR0911 - one return per kind of error reads
     if (
         name in {"ServerError", "RequestException", "BadJSON"}
         or (status or 0) >= 500
-        or (status == 408)
+        or status == 408
     ):
         return RedditUnavailable(f"Reddit is unavailable ({name}) while scraping r/{subreddit}")
     return RedditError(f"Reddit answered {status or name} while scraping r/{subreddit}")
